@@ -1,0 +1,3 @@
+from laneproxy.cli import main
+
+raise SystemExit(main())

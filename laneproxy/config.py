@@ -1,0 +1,354 @@
+"""Configuration: YAML in, validated frozen models out.
+
+`load_config(path)` / `parse_config(text)` read `version: 1` YAML (see docs/interface.md), reject
+unknown keys, turn durations into float seconds and sizes into int bytes, and raise ConfigError
+with one `yaml.path: message` line per problem. Nothing here binds sockets or prints.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.yaml")
+
+# -- scalar types -----------------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(value: Any) -> float:
+    """`250ms`, `5s`, `2m`, `1h`, or a plain number of seconds → float seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 250ms, 5s, 2m, 1h")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration like 250ms, 5s, 2m, 1h, got {value!r}")
+    if seconds < 0:
+        raise ValueError("duration must not be negative")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """`8k`, `1m`, `1g` (powers of 1024) or a plain number of bytes → int bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 512, 8k, 1m")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    else:
+        raise ValueError(f"expected a size like 512, 8k, 1m, got {value!r}")
+    if size < 0:
+        raise ValueError("size must not be negative")
+    return size
+
+
+def parse_hostport(value: Any) -> tuple[str, int]:
+    """`"host:port"` or `"[v6]:port"` → (host, port); a port alone means all interfaces."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"0.0.0.0:{value}"
+    if not isinstance(value, str):
+        raise ValueError(f'expected "host:port", got {value!r}')
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f'expected "[ipv6]:port", got {value!r}')
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f'expected "host:port", got {value!r}')
+        if ":" in host:
+            raise ValueError(f'write IPv6 addresses as "[addr]:port", got {value!r}')
+    if not host or not re.fullmatch(r"[A-Za-z0-9.\-:_]+", host):
+        raise ValueError(f"invalid host in {value!r}")
+    if not port_text.isdigit():
+        raise ValueError(f"invalid port in {value!r}")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError("port out of range")
+    return host, port
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+HostPort = Annotated[tuple[str, int], BeforeValidator(parse_hostport)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0)]
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+
+
+def _access_log(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off` as False; `off`/`false`/None all mean "no access log".
+    if value is False or value is None or (isinstance(value, str) and value.lower() == "off"):
+        return None
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+# -- sections ---------------------------------------------------------------------------------
+
+
+class AdminConfig(_Model):
+    listen: HostPort = ("127.0.0.1", 9901)
+
+
+class ClientConfig(_Model):
+    """The downstream side; defaults follow nginx (client_header_timeout 60s, ...)."""
+
+    header_timeout: Duration = 60.0
+    body_timeout: Duration = 60.0
+    send_timeout: Duration = 60.0
+    keepalive_timeout: Duration = 75.0
+    keepalive_requests: PositiveInt = 1000
+    max_connections: PositiveInt = 10000
+    max_request_line: Annotated[Size, Field(ge=64)] = 8 * 1024
+    max_header_size: Annotated[Size, Field(ge=256)] = 32 * 1024
+    max_headers: PositiveInt = 100
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        value = _one_or_many(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("expected a list of CIDRs like 10.0.0.0/8")
+        out = []
+        for item in value:
+            try:
+                out.append(ipaddress.ip_network(str(item), strict=False))
+            except ValueError:
+                raise ValueError(f"invalid CIDR {item!r}") from None
+        return tuple(out)
+
+
+class LaneConfig(_Model):
+    """A named group of upstream servers with its own pool, limits and queue."""
+
+    servers: Annotated[tuple[HostPort, ...], Field(min_length=1)]
+    keepalive: Count = 10240
+    keepalive_timeout: Duration = 60.0
+    keepalive_requests: PositiveInt = 1000
+    connect_timeout: Annotated[Duration, Field(gt=0)] = 5.0
+    read_timeout: Annotated[Duration, Field(gt=0)] = 60.0
+    send_timeout: Annotated[Duration, Field(gt=0)] = 60.0
+    max_body: Size = 1024 * 1024
+    limit: Count = 0
+    queue: Count = 0
+    queue_timeout: Duration = 30.0
+    retries: Count = 1
+    upgrade: tuple[str, ...] = ("websocket",)
+    tunnel_idle_timeout: Duration = 3600.0
+
+    @field_validator("servers", mode="before")
+    @classmethod
+    def _servers(cls, value: Any) -> Any:
+        return _one_or_many(value)
+
+    @field_validator("upgrade", mode="before")
+    @classmethod
+    def _upgrade(cls, value: Any) -> Any:
+        value = _one_or_many(value) if value else ()
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("expected a list of Upgrade tokens like [websocket]")
+        for token in value:
+            if not isinstance(token, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", token):
+                raise ValueError(f"invalid Upgrade token {token!r}")
+            if token.lower() == "h2c":
+                raise ValueError("h2c cannot be tunnelled (h2c smuggling)")
+        return tuple(t.lower() for t in value)
+
+
+class RouteConfig(_Model):
+    """A path prefix sent to a lane (nginx prefix `location` semantics)."""
+
+    prefix: str
+    lane: str
+    strip_prefix: bool = False
+    try_files: bool = False
+    root: str | None = None
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("a prefix starts with /")
+        if not re.fullmatch(r"/[\x21-\x7e]*", value) or "?" in value or "#" in value:
+            raise ValueError("a prefix is a path without spaces, '?' or '#'")
+        return value
+
+
+class ProxyConfig(_Model):
+    version: Literal[1]
+    listen: Annotated[tuple[HostPort, ...], Field(min_length=1)] = (("0.0.0.0", 8080),)
+    workers: PositiveInt = 1
+    root: str = "./public"
+    access_log: str | None = None
+    log_format: Literal["combined", "json"] = "combined"
+    drain_timeout: Duration = 30.0
+    admin: AdminConfig | None = None
+    client: ClientConfig = ClientConfig()
+    lanes: Annotated[dict[str, LaneConfig], Field(min_length=1)]
+    routes: Annotated[tuple[RouteConfig, ...], Field(min_length=1)]
+    # Where the file came from: relative paths (root, logs) resolve from here. Not a YAML key.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, value: Any) -> Any:
+        return _one_or_many(value)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        return os.cpu_count() or 1 if value == "auto" else value
+
+    @field_validator("access_log", mode="before")
+    @classmethod
+    def _access_log(cls, value: Any) -> Any:
+        return _access_log(value)
+
+    @field_validator("lanes")
+    @classmethod
+    def _lane_names(cls, value: dict[str, LaneConfig]) -> dict[str, LaneConfig]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"lane name {name!r}: use letters, digits, '_', '.', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ProxyConfig:
+        problems = []
+        seen: dict[str, int] = {}
+        for i, route in enumerate(self.routes):
+            if route.lane not in self.lanes:
+                known = ", ".join(sorted(self.lanes))
+                problems.append((f"routes[{i}].lane", f"no lane named {route.lane!r} (lanes: {known})"))
+            if route.prefix in seen:
+                problems.append((f"routes[{i}].prefix", f"duplicate of routes[{seen[route.prefix]}]"))
+            seen.setdefault(route.prefix, i)
+        if len(set(self.listen)) != len(self.listen):
+            problems.append(("listen", "the same address is listed twice"))
+        if problems:
+            raise ConfigError([f"{path}: {msg}" for path, msg in problems])
+        return self
+
+    def root_for(self, route: RouteConfig) -> Path:
+        return (self.base_dir / (route.root or self.root)).resolve()
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `problems` holds one `yaml.path: message` line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _yaml_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "tagged-union")):
+            continue  # pydantic's internal step names, not YAML keys
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    if kind == "literal_error" and err["loc"] == ("version",):
+        return "only version 1 is understood"
+    if kind == "too_short":
+        return "must not be empty"
+    return msg
+
+
+def parse_config(text: str, base_dir: Path | str = ".", source: str = "<config>") -> ProxyConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"(yaml) {where}: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): expected a mapping with version: 1, lanes and routes"])
+    data = dict(data)
+    data.pop("base_dir", None)
+    try:
+        cfg = ProxyConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        errors = exc.errors()
+        locs = [tuple(e["loc"]) for e in errors]
+        for err in errors:
+            loc = tuple(err["loc"])
+            if any(len(other) > len(loc) and other[: len(loc)] == loc for other in locs):
+                continue  # a child already says what is wrong; the parent's echo adds nothing
+            ctx_error = (err.get("ctx") or {}).get("error")
+            if isinstance(ctx_error, ConfigError):
+                problems.extend(ctx_error.problems)
+                continue
+            line = f"{_yaml_path(err['loc'])}: {_message(err)}"
+            if line not in problems:
+                problems.append(line)
+        raise ConfigError(problems) from None
+    except ConfigError:
+        raise
+    return cfg.model_copy(update={"base_dir": Path(base_dir)})
+
+
+def load_config(path: str | Path | None = None) -> ProxyConfig:
+    """Read `path`; None means ./laneproxy.yaml when present, else the built-in default."""
+    if path is None:
+        local = Path("laneproxy.yaml")
+        path = local if local.is_file() else DEFAULT_CONFIG_PATH
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"(file) {path}: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"(file) {path}: not UTF-8 text"]) from None
+    base = Path(".") if path == DEFAULT_CONFIG_PATH else path.resolve().parent
+    return parse_config(text, base_dir=base, source=str(path))
