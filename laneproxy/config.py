@@ -8,6 +8,7 @@ with one `yaml.path: message` line per problem. Nothing here binds sockets or pr
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from pathlib import Path
@@ -44,6 +45,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ValueError(f"expected a duration like 250ms, 5s, 2m, 1h, got {value!r}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"expected a finite duration, got {value!r}")
     if seconds < 0:
         raise ValueError("duration must not be negative")
     return seconds
@@ -64,8 +67,11 @@ def parse_size(value: Any) -> int:
     return size
 
 
-def parse_hostport(value: Any) -> tuple[str, int]:
-    """`"host:port"` or `"[v6]:port"` → (host, port); a port alone means all interfaces."""
+def parse_hostport(value: Any, allow_any_port: bool = False) -> tuple[str, int]:
+    """`"host:port"` or `"[v6]:port"` → (host, port); a port alone means all interfaces.
+
+    `allow_any_port` admits port 0 (the kernel picks one): listeners only, for tests.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         value = f"0.0.0.0:{value}"
     if not isinstance(value, str):
@@ -86,7 +92,7 @@ def parse_hostport(value: Any) -> tuple[str, int]:
     if not port_text.isdigit():
         raise ValueError(f"invalid port in {value!r}")
     port = int(port_text)
-    if not 0 < port < 65536:
+    if not (0 if allow_any_port else 1) <= port < 65536:
         raise ValueError("port out of range")
     return host, port
 
@@ -94,6 +100,7 @@ def parse_hostport(value: Any) -> tuple[str, int]:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 HostPort = Annotated[tuple[str, int], BeforeValidator(parse_hostport)]
+ListenAddr = Annotated[tuple[str, int], BeforeValidator(lambda v: parse_hostport(v, allow_any_port=True))]
 PositiveInt = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]
 
@@ -117,7 +124,7 @@ class _Model(BaseModel):
 
 
 class AdminConfig(_Model):
-    listen: HostPort = ("127.0.0.1", 9901)
+    listen: ListenAddr = ("127.0.0.1", 9901)
 
 
 class ClientConfig(_Model):
@@ -207,7 +214,7 @@ class RouteConfig(_Model):
 
 class ProxyConfig(_Model):
     version: Literal[1]
-    listen: Annotated[tuple[HostPort, ...], Field(min_length=1)] = (("0.0.0.0", 8080),)
+    listen: Annotated[tuple[ListenAddr, ...], Field(min_length=1)] = (("0.0.0.0", 8080),)
     workers: PositiveInt = 1
     root: str = "./public"
     access_log: str | None = None
@@ -219,6 +226,13 @@ class ProxyConfig(_Model):
     routes: Annotated[tuple[RouteConfig, ...], Field(min_length=1)]
     # Where the file came from: relative paths (root, logs) resolve from here. Not a YAML key.
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # `version: yes` is not `version: 1`
+            raise ValueError("only version 1 is understood")
+        return value
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -254,7 +268,8 @@ class ProxyConfig(_Model):
             if route.prefix in seen:
                 problems.append((f"routes[{i}].prefix", f"duplicate of routes[{seen[route.prefix]}]"))
             seen.setdefault(route.prefix, i)
-        if len(set(self.listen)) != len(self.listen):
+        fixed = [addr for addr in self.listen if addr[1] != 0]
+        if len(set(fixed)) != len(fixed):
             problems.append(("listen", "the same address is listed twice"))
         if problems:
             raise ConfigError([f"{path}: {msg}" for path, msg in problems])
@@ -280,7 +295,7 @@ def _yaml_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif str(part).startswith(("function-", "tagged-union")):
+        elif isinstance(part, str) and re.match(r"(function-(after|before|wrap|plain)|tagged-union)\[", part):
             continue  # pydantic's internal step names, not YAML keys
         else:
             out += f".{part}" if out else str(part)
@@ -314,11 +329,13 @@ def parse_config(text: str, base_dir: Path | str = ".", source: str = "<config>"
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping with version: 1, lanes and routes"])
     data = dict(data)
+    # base_dir is a model field but not a YAML key: a file that sets it gets the unknown-key error.
+    stray = ["base_dir: unknown key"] if "base_dir" in data else []
     data.pop("base_dir", None)
     try:
         cfg = ProxyConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
+        problems = list(stray)
         errors = exc.errors()
         locs = [tuple(e["loc"]) for e in errors]
         for err in errors:
@@ -335,6 +352,8 @@ def parse_config(text: str, base_dir: Path | str = ".", source: str = "<config>"
         raise ConfigError(problems) from None
     except ConfigError:
         raise
+    if stray:
+        raise ConfigError(stray)
     return cfg.model_copy(update={"base_dir": Path(base_dir)})
 
 

@@ -1,0 +1,97 @@
+"""Command line: `laneproxy run|check|demo`. The only module that prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from laneproxy import __version__
+from laneproxy.config import ConfigError, ProxyConfig, load_config
+
+EXIT_BAD_CONFIG = 2
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+def summary(cfg: ProxyConfig) -> str:
+    """One screen: listeners, lanes with their servers and limits, routes in match order."""
+    lines = ["listeners:"]
+    lines += [f"  http://{_addr(h, p)}" for h, p in cfg.listen]
+    if cfg.admin:
+        lines.append(f"  admin http://{_addr(*cfg.admin.listen)}")
+    lines.append(f"workers: {cfg.workers}")
+    lines.append("lanes:")
+    for name, lane in cfg.lanes.items():
+        servers = ", ".join(_addr(h, p) for h, p in lane.servers)
+        limit = f"limit {lane.limit}, queue {lane.queue}" if lane.limit else "no limit"
+        lines.append(
+            f"  {name}: {servers} ({limit}; keepalive {lane.keepalive}, "
+            f"read_timeout {_duration(lane.read_timeout)}, max_body {lane.max_body})"
+        )
+    lines.append("routes (longest prefix wins):")
+    for route in sorted(cfg.routes, key=lambda r: -len(r.prefix)):
+        extra = []
+        if route.strip_prefix:
+            extra.append("strip_prefix")
+        if route.try_files:
+            extra.append(f"try_files from {cfg.root_for(route)}")
+        note = f" ({', '.join(extra)})" if extra else ""
+        lines.append(f"  {route.prefix} -> {route.lane}{note}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="laneproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"laneproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "run the proxy in the foreground"),
+        ("check", "validate a config file and print a summary"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument(
+            "-c", "--config", metavar="FILE",
+            help="config file (default: ./laneproxy.yaml if present, else the built-in default)",
+        )
+    sub.add_parser("demo", help="start demo upstreams behind the proxy on the built-in default")
+    return parser
+
+
+def _load(path: str | None, out) -> ProxyConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=out)
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if args.command == "demo":
+        from laneproxy.demo import main as demo_main
+
+        return demo_main()
+    # `check` reports on stdout (it is the command's answer); `run` complains on stderr.
+    cfg = _load(args.config, sys.stdout if args.command == "check" else sys.stderr)
+    if cfg is None:
+        return EXIT_BAD_CONFIG
+    if args.command == "check":
+        print(summary(cfg))
+        return 0
+    from laneproxy.server import run
+
+    return run(cfg)

@@ -1,0 +1,507 @@
+"""DownstreamProtocol: one client connection, parsing requests with httptools.
+
+Every request is validated on its own (no per-connection shortcuts), routed, and turned into
+an Exchange with laneproxy's own request head: the client's raw bytes are never forwarded.
+Pipelined requests are queued and answered in order; reading pauses while one waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections import deque
+
+import httptools
+
+from laneproxy.config import ClientConfig
+from laneproxy.errors import BadRequest, BodyTooLarge, NoRoute, ProxyError
+from laneproxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
+from laneproxy.flow import DRAINING, HIGH_WATER, LOW_WATER, PEER_BUSY, PIPELINE, Deadline, ReadGate
+from laneproxy.http1 import (
+    BODY_METHODS,
+    CRLF,
+    H_CL,
+    H_CONNECTION,
+    H_EXPECT,
+    H_HOST,
+    H_TE,
+    H_UPGRADE,
+    H_XFF,
+    IDEMPOTENT,
+    REQUEST_SPECIAL,
+    VIA,
+    check_host,
+    error_response,
+    split_target,
+    split_tokens,
+)
+from laneproxy.router import Router
+
+MAX_FIELD_LINE = 8 * 1024  # one header line (nginx large_client_header_buffers 8k)
+LINGER_SECONDS = 5.0  # after an error answer, read and drop for at most this long, then close
+_KEEP_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade"))
+
+
+class Context:
+    """What every client connection of one proxy shares: settings, router, live connections."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, router: Router, client: ClientConfig) -> None:
+        self.loop = loop
+        self.router = router
+        self.client = client
+        self.header_timeout = client.header_timeout
+        self.body_timeout = client.body_timeout
+        self.send_timeout = client.send_timeout
+        self.keepalive_timeout = client.keepalive_timeout
+        self.keepalive_requests = client.keepalive_requests
+        self.max_request_line = client.max_request_line
+        self.max_header_size = client.max_header_size
+        self.max_headers = client.max_headers
+        self.max_head_bytes = client.max_request_line + client.max_header_size + 2 * MAX_FIELD_LINE
+        self.trusted = client.trusted_proxies
+        self.connections: set[DownstreamProtocol] = set()
+        self.closing = False
+        self.requests = 0
+        self.rejected_connections = 0
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self.trusted:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted)
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    """Parses client requests, builds their Exchanges, and writes their responses in order."""
+
+    def __init__(self, ctx: Context) -> None:
+        # Per-connection state
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.gate: ReadGate = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = b"-"
+        self.trusted = False
+        self.local_host = b""
+        self.fwd_fixed = b""
+        self.active: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.current: Exchange | None = None  # the exchange whose request is being parsed
+        self.requests = 0
+        self.http11 = True
+        self.write_paused = False
+        self.is_closed = False
+        self.closing = False  # no more requests will be read; close after the active exchange
+        self.lingering = False
+        self.parse_dead = False
+        self._starting = False
+        self.in_head = False
+        self.head_bytes = 0
+        self.idle_deadline = Deadline(self.loop, self._on_idle_timeout)
+        self.read_deadline = Deadline(self.loop, self._on_read_timeout)
+        self.send_deadline = Deadline(self.loop, self._on_send_timeout)
+        # Per-request state
+        self._reset_request()
+
+    def _reset_request(self) -> None:
+        self.url = b""
+        self.headers: list[bytes] = []
+        self.host: bytes | None = None
+        self.content_length: int | None = None
+        self.te: list[bytes] | None = None
+        self.conn_tokens: list[bytes] | None = None
+        self.expect: bytes | None = None
+        self.xff: list[bytes] | None = None
+        self.upgrade = False
+        self.header_count = 0
+        self.header_bytes = 0
+        self.deferred: ProxyError | None = None
+
+    # -- Protocol interface -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.gate = ReadGate(self.transport)
+        ctx = self.ctx
+        if ctx.closing or len(ctx.connections) >= ctx.client.max_connections:
+            ctx.rejected_connections += 1
+            self.is_closed = True
+            transport.close()
+            return
+        ctx.connections.add(self)
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) else "unix"
+        self.peer_ip = ip.encode()
+        self.trusted = ctx.is_trusted(ip)
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple):
+            host = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
+            self.local_host = f"{host}:{sock[1]}".encode()
+        self.fwd_fixed = b"X-Real-IP: %s\r\nX-Forwarded-Proto: http\r\n" % self.peer_ip
+        # Before the first byte, the header timeout applies (nginx client_header_timeout).
+        self.idle_deadline.set(self.loop.time() + ctx.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering or self.parse_dead:
+            return
+        self.idle_deadline.clear()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            err = exc.__context__
+            if not isinstance(err, ProxyError):
+                raise
+            self._request_error(err)
+            return
+        except httptools.HttpParserUpgrade as exc:
+            # An Upgrade this lane does not tunnel (or HTTP/1.0): keep speaking HTTP, never raw.
+            rest = data[exc.args[0]:]
+            self.parser = httptools.HttpRequestParser(self)
+            if rest:
+                self.data_received(rest)
+            return
+        except httptools.HttpParserError as exc:
+            if self.current is None and not self.in_head and str(exc).startswith("Data after"):
+                self.parse_dead = True  # bytes after `Connection: close`: answer, then close
+                return
+            self._request_error(BadRequest(f"malformed request ({exc})"))
+            return
+        ctx = self.ctx
+        if self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > ctx.max_head_bytes:
+                self._request_error(ProxyError("request header section too large", 431))
+            elif not self.read_deadline.when:
+                self.read_deadline.set(self.loop.time() + ctx.header_timeout)
+        elif self.current is not None:
+            self.read_deadline.set(self.loop.time() + ctx.body_timeout)
+
+    def eof_received(self) -> bool | None:
+        if self.current is not None or self.in_head:
+            # FIN in the middle of a request is an abort (a3 rule 8).
+            return None
+        if self.active is not None:
+            # FIN after a complete request: deliver the response, then close.
+            self.closing = True
+            self.parse_dead = True
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_closed = True
+        self.ctx.connections.discard(self)
+        self.idle_deadline.cancel()
+        self.read_deadline.cancel()
+        self.send_deadline.cancel()
+        active = self.active
+        self.active = None
+        if active is not None:
+            active.abort()
+        for ex in self.queue:
+            ex.abort()
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        active = self.active
+        if active is not None and active.up is not None:
+            active.up.gate.close(PEER_BUSY)
+        self.send_deadline.set(self.loop.time() + self.ctx.send_timeout)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.send_deadline.clear()
+        active = self.active
+        if active is not None and active.up is not None:
+            active.up.gate.open(PEER_BUSY)
+
+    # -- Used by Exchange ----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.is_closed:
+            self.transport.write(data)
+
+    def may_keep_alive(self) -> bool:
+        return not (self.closing or self.ctx.closing)
+
+    def abort(self) -> None:
+        if not self.is_closed:
+            self.is_closed = True
+            self.transport.abort()
+
+    def exchange_done(self, ex: Exchange, lingering: bool) -> None:
+        """The active exchange finished: start the next pipelined one, go idle, or close."""
+        if ex is not self.active:
+            return
+        self.active = None
+        if self.is_closed:
+            return
+        if lingering or not ex.keep_alive:
+            self.close(lingering=True)
+            return
+        if self._starting:
+            return  # the loop in _start_next goes on
+        self._start_next()
+
+    def _start_next(self) -> None:
+        self._starting = True
+        try:
+            while self.active is None and self.queue and not self.is_closed:
+                ex = self.queue.popleft()
+                self.active = ex
+                ex.start()
+        finally:
+            self._starting = False
+        if self.active is None and not self.is_closed:
+            if self.closing or self.ctx.closing:
+                if self.current is None and not self.in_head:
+                    self.close(lingering=self.parse_dead)
+                return
+            self.gate.open(PIPELINE)
+            if self.current is None and not self.in_head:
+                self.idle_deadline.set(self.loop.time() + self.ctx.keepalive_timeout)
+
+    def close(self, lingering: bool = False) -> None:
+        """Close after what is written; lingering: half-close and drain so the answer is not lost."""
+        if self.is_closed or self.lingering:
+            return
+        self.read_deadline.cancel()
+        self.idle_deadline.cancel()
+        if not lingering or not self.transport.can_write_eof():
+            self.is_closed = True
+            self.transport.close()
+            return
+        self.lingering = True
+        self.transport.write_eof()
+        self.gate.reasons = 0
+        try:
+            self.transport.resume_reading()
+        except RuntimeError:
+            pass
+        self.read_deadline = Deadline(self.loop, self.abort)
+        self.read_deadline.set(self.loop.time() + LINGER_SECONDS)
+
+    # -- Parser callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_bytes = 0
+        self.requests += 1
+        self.ctx.requests += 1
+        self._reset_request()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.ctx.max_request_line:
+            raise ProxyError("request line too long", 414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        size = len(name) + len(value) + 4
+        self.header_bytes += size
+        ctx = self.ctx
+        if size > MAX_FIELD_LINE or self.header_bytes > ctx.max_header_size:
+            raise ProxyError("request header fields too large", 431)
+        if self.header_count > ctx.max_headers:
+            raise ProxyError("too many request header fields", 431)
+        lname = name.lower()
+        kind = REQUEST_SPECIAL.get(lname)
+        if kind is None:
+            if b"_" not in name:  # nginx underscores_in_headers off: Content_Length never passes
+                self.headers.append(b"%s: %s\r\n" % (name, value.rstrip(b" \t")))
+            return
+        value = value.strip(b" \t")
+        if kind == H_HOST:
+            if self.host is not None:
+                self.deferred = BadRequest("more than one Host field")
+            self.host = value
+        elif kind == H_CL:
+            self.content_length = int(value)  # httptools checked 1*DIGIT, no duplicates
+        elif kind == H_TE:
+            self.te = (self.te or []) + split_tokens(value)
+        elif kind == H_CONNECTION:
+            self.conn_tokens = (self.conn_tokens or []) + split_tokens(value)
+        elif kind == H_EXPECT:
+            self.expect = value.lower()
+        elif kind == H_XFF:
+            if self.trusted:
+                self.xff = (self.xff or []) + [value]
+        elif kind == H_UPGRADE:
+            self.upgrade = True
+        # H_DROP: hop-by-hop or laneproxy's own forwarding fields
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.read_deadline.clear()
+        ex = self._build_exchange()
+        self.current = ex
+        if self.active is None and not self.queue:
+            self.active = ex
+            self._starting = True
+            try:
+                ex.start()
+            finally:
+                self._starting = False
+            if self.active is None:
+                self._start_next()
+        else:
+            self.queue.append(ex)
+            self.gate.close(PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        self.current.on_request_body(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        ex = self.current
+        self.current = None
+        self.read_deadline.clear()
+        if ex is not None:
+            ex.on_request_complete()
+        if not self.closing and not self.lingering and ex is not None and not ex.keep_alive:
+            self.closing = True
+            self.parse_dead = True
+            self.gate.close(DRAINING)
+
+    # -- building the upstream request -----------------------------------------------------------
+
+    def _build_exchange(self) -> Exchange:
+        p = self.parser
+        version = p.get_http_version()
+        if version == "1.1":
+            http11 = True
+        elif version == "1.0":
+            http11 = False
+        elif version.startswith("2") or version.startswith("3"):
+            raise ProxyError(f"HTTP/{version} is not supported on this listener", 505)
+        else:
+            raise BadRequest(f"HTTP/{version} request")
+        self.http11 = http11
+        method = p.get_method()
+        keep_alive = p.should_keep_alive() and http11 and self.requests < self.ctx.keepalive_requests
+        if method == b"CONNECT" or method == b"TRACE":
+            raise ProxyError(f"{method.decode()} is not allowed", 405)
+        if self.deferred is not None:
+            raise self.deferred
+        url = self.url
+        if url == b"*":
+            if method != b"OPTIONS":
+                raise BadRequest("'*' is only for OPTIONS")
+            path, query, authority = b"/", b"", None
+        else:
+            path, query, authority = split_target(url)
+        host = self.host
+        if authority is not None:
+            out_host = authority  # RFC 9112 §3.2.2: the target's authority replaces Host
+        elif host is None:
+            if http11:
+                raise BadRequest("missing Host")
+            out_host = self.local_host
+        else:
+            out_host = check_host(host)
+        te = self.te
+        if te is not None:
+            if not http11:
+                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+            if te != [b"chunked"]:
+                raise ProxyError("only the chunked transfer coding is implemented", 501)
+            body_kind = BODY_CHUNKED
+        elif self.content_length:
+            body_kind = BODY_LENGTH
+        else:
+            body_kind = BODY_NONE
+        expect_continue = False
+        if self.expect is not None:
+            if self.expect != b"100-continue":
+                raise ProxyError("unsupported expectation", 417)
+            expect_continue = http11 and body_kind != BODY_NONE
+        if self.upgrade and p.should_upgrade() and body_kind != BODY_NONE:
+            raise BadRequest("Upgrade request with a body")
+        route = self.ctx.router.match(path)
+        if route is None:
+            return Exchange(
+                self, None, method, b"", body_kind, keep_alive,
+                local=NoRoute(f"no route for {path.decode('latin-1')[:200]}"),
+            )
+        lane = route.lane
+        if lane.max_body and body_kind == BODY_LENGTH and self.content_length > lane.max_body:  # type: ignore[operator]
+            raise BodyTooLarge(f"request body over the lane's max_body ({lane.max_body} bytes)")
+        headers = self.headers
+        if self.conn_tokens is not None:
+            named = set(self.conn_tokens) - _KEEP_TOKENS
+            if named:  # remove what Connection names before adding laneproxy's own fields
+                headers = [h for h in headers if h.split(b":", 1)[0].lower() not in named]
+        if self.xff is not None:
+            xff = b"X-Forwarded-For: %s, %s\r\n" % (b", ".join(self.xff), self.peer_ip)
+        else:
+            xff = b"X-Forwarded-For: %s\r\n" % self.peer_ip
+        if body_kind == BODY_LENGTH:
+            framing = b"Content-Length: %d\r\n\r\n" % self.content_length
+        elif body_kind == BODY_CHUNKED:
+            framing = b"Transfer-Encoding: chunked\r\n\r\n"
+        elif method in BODY_METHODS:
+            framing = b"Content-Length: 0\r\n\r\n"
+        else:
+            framing = CRLF
+        target = b"*" if url == b"*" else route.upstream_path(path) + query
+        head = b"".join([
+            method, b" ", target, b" HTTP/1.1\r\nHost: ", out_host, CRLF,
+            *headers,
+            self.fwd_fixed, xff,
+            b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (host if host is not None else out_host, VIA),
+            framing,
+        ])
+        return Exchange(
+            self, route, method, head, body_kind, keep_alive,
+            expect_continue=expect_continue, idempotent=method in IDEMPOTENT,
+        )
+
+    def _request_error(self, err: ProxyError) -> None:
+        """The parser stopped on a bad request: answer it in turn, then close."""
+        self.parse_dead = True
+        self.in_head = False
+        self.gate.close(DRAINING)
+        ex = self.current
+        self.current = None
+        if ex is not None and ex is self.active:
+            ex.request_failed(err)
+            return
+        if ex is not None:  # a queued pipelined request: it gets the error when its turn comes
+            ex.local = err
+            ex.keep_alive = False
+            return
+        ex = Exchange(self, None, b"GET", b"", BODY_NONE, False, local=err)
+        ex.req_done = True
+        if self.active is None and not self.queue:
+            self.active = ex
+            ex.start()
+        else:
+            self.queue.append(ex)
+
+    # -- deadlines ------------------------------------------------------------------------------
+
+    def _on_idle_timeout(self) -> None:
+        if self.active is None and self.current is None and not self.in_head:
+            self.close()
+
+    def _on_read_timeout(self) -> None:
+        if self.in_head or self.current is not None:
+            what = "request head" if self.in_head else "request body"
+            self._request_error(ProxyError(f"timed out waiting for the {what}", 408))
+
+    def _on_send_timeout(self) -> None:
+        if self.write_paused:
+            self.abort()
+
+    def __repr__(self) -> str:
+        return (
+            f"<DownstreamProtocol {self.peer_ip.decode()} requests={self.requests} "
+            f"active={self.active!r} queued={len(self.queue)}>"
+        )
+
+
+__all__ = ["Context", "DownstreamProtocol", "error_response"]

@@ -1,0 +1,60 @@
+"""Errors that carry their answer: the status to send, which side failed, whether a retry is safe."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Side = Literal["downstream", "upstream", "internal"]
+
+
+class ProxyError(Exception):
+    """Base: `status` is what the client gets when no response head has gone out yet."""
+
+    status = 500
+    side: Side = "internal"
+    retryable = False
+
+    def __init__(self, reason: str, status: int | None = None, *, retryable: bool | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        if status is not None:
+            self.status = status
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class BadRequest(ProxyError):
+    """The client sent something laneproxy will not forward (answered, then the connection closes)."""
+
+    status = 400
+    side = "downstream"
+
+
+class NoRoute(ProxyError):
+    status = 404
+    side = "downstream"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    side = "downstream"
+
+
+class ConnectFailed(ProxyError):
+    """Nothing was sent: safe to retry on any method."""
+
+    status = 502
+    side = "upstream"
+    retryable = True
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    side = "upstream"
+
+
+class UpstreamProtocolError(ProxyError):
+    """The upstream broke the exchange (bad bytes, reset, EOF before the response was complete)."""
+
+    status = 502
+    side = "upstream"

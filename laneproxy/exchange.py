@@ -1,0 +1,394 @@
+"""Exchange: one request/response across both sides.
+
+Theory of operation
+-------------------
+Rule 1. An exchange is created when the downstream parser completes a request head. It
+becomes *active* when every exchange before it on the same client connection has finished
+(pipelined requests are answered in order, one at a time). Only the active exchange talks to
+an upstream.
+
+Rule 2. Request bytes (laneproxy's own head, then the body re-framed as Content-Length or
+chunked) go to the upstream as they arrive; before an upstream connection is attached they
+are held in `pending` and the client's reading is paused, so at most one read is buffered.
+
+Rule 3. The response is relayed as the upstream parser produces it: laneproxy writes its own
+status line, the filtered fields and its own framing, then each body piece at once. A body of
+unknown length is re-chunked for HTTP/1.1 clients and close-delimited for HTTP/1.0 clients.
+
+Rule 4. The upstream connection goes back to its pool only when the request was fully
+written, the response fully read, and nothing went wrong (`UpstreamProtocol.is_reusable`).
+An upstream that answers before the request body is complete is closed, and the rest of the
+client's body is read and dropped so the client connection can stay open.
+
+Rule 5. A failure before the response head is sent becomes laneproxy's own answer (502/504),
+or a retry when that is safe (nothing sent, or an idempotent body-less request on a reused
+connection); after the head is sent, the client connection is aborted: no fake final chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from laneproxy.errors import BodyTooLarge, ConnectFailed, ProxyError, UpstreamTimeout
+from laneproxy.flow import CONNECTING, PEER_BUSY
+from laneproxy.http1 import CONTINUE_100, CRLF, STATUS_LINE, error_response, status_line
+from laneproxy.upstream import LENGTH, NO_BODY, UpstreamProtocol
+
+if TYPE_CHECKING:
+    from laneproxy.downstream import DownstreamProtocol
+    from laneproxy.lane import Lane, Server
+    from laneproxy.router import Route
+
+log = logging.getLogger("laneproxy.exchange")
+
+# Request body framing.
+BODY_NONE, BODY_LENGTH, BODY_CHUNKED = range(3)
+# Response progress.
+RESP_NONE, RESP_HEAD_SENT, RESP_DONE = range(3)
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Exchange:
+    """One request and its response; see the module docstring for the rules."""
+
+    __slots__ = (
+        "down", "route", "lane", "method", "head", "is_head", "idempotent", "body_kind",
+        "body_seen", "expect_continue", "keep_alive", "local", "pending", "up", "server",
+        "reused", "req_done", "req_sent", "resp", "rechunk", "tries", "connect_task", "aborted",
+        "counted", "status", "out", "head_written",
+    )
+
+    def __init__(
+        self,
+        down: DownstreamProtocol,
+        route: Route | None,
+        method: bytes,
+        head: bytes,
+        body_kind: int,
+        keep_alive: bool,
+        *,
+        expect_continue: bool = False,
+        local: ProxyError | None = None,
+        idempotent: bool = False,
+    ) -> None:
+        self.down = down
+        self.route = route
+        self.lane: Lane | None = route.lane if route is not None else None
+        self.method = method
+        self.head = head
+        self.is_head = method == b"HEAD"
+        self.idempotent = idempotent
+        self.body_kind = body_kind
+        self.body_seen = 0
+        self.expect_continue = expect_continue
+        self.keep_alive = keep_alive  # the client connection may stay open after this exchange
+        self.local = local  # laneproxy answers this one itself
+        self.pending: list[bytes] = [head]
+        self.up: UpstreamProtocol | None = None
+        self.server: Server | None = None
+        self.reused = False
+        self.req_done = False
+        self.req_sent = False
+        self.resp = RESP_NONE
+        self.rechunk = False
+        self.tries = 0
+        self.connect_task: asyncio.Task[None] | None = None
+        self.aborted = False
+        self.counted = False
+        self.status = 0
+        self.out: list[bytes] = []  # response bytes gathered during one upstream read
+        self.head_written = False
+
+    # -- starting: local answer, pooled connection, or connect --------------------------------
+
+    def start(self) -> None:
+        if self.local is not None:
+            self.answer(self.local)
+            return
+        lane = self.lane
+        lane.in_flight += 1  # type: ignore[union-attr]
+        self.counted = True
+        self._acquire(None)
+
+    def _acquire(self, exclude: Server | None) -> None:
+        self.tries += 1
+        server = self.lane.pick(exclude)  # type: ignore[union-attr]
+        self.server = server
+        conn = server.pool.acquire()
+        if conn is not None:
+            self._attach(conn, reused=True)
+            return
+        self.down.gate.close(CONNECTING)
+        server.pool.connecting += 1
+        self.connect_task = self.down.loop.create_task(self._connect(server))
+
+    async def _connect(self, server: Server) -> None:
+        loop = self.down.loop
+        lane = self.lane
+        err: ProxyError | None = None
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamProtocol(server, loop), server.host, server.port),
+                lane.connect_timeout,  # type: ignore[union-attr]
+            )
+        except asyncio.CancelledError:
+            server.pool.connecting -= 1
+            return
+        except TimeoutError:
+            err = UpstreamTimeout(f"connect to {server.name} timed out")
+        except OSError as exc:
+            err = ConnectFailed(f"connect to {server.name} failed: {exc.strerror or exc.__class__.__name__}")
+        server.pool.connecting -= 1
+        self.connect_task = None
+        if err is not None:
+            self._connect_failed(server, err)
+            return
+        server.pool.add_active()
+        if self.aborted:  # the client left while we connected: keep the fresh connection warm
+            conn.is_idle = True
+            server.pool.release(conn, True)
+            return
+        self.down.gate.open(CONNECTING)
+        self._attach(conn, reused=False)
+
+    def _connect_failed(self, server: Server, err: ProxyError) -> None:
+        server.failures += 1
+        log.warning("upstream %s: %s (lane %s)", server.name, err.reason, self.lane.name)  # type: ignore[union-attr]
+        if self.aborted:
+            return
+        lane = self.lane
+        if self.tries <= lane.retries and len(lane.servers) > 1:  # type: ignore[union-attr]
+            self._acquire(server)
+            return
+        self.down.gate.open(CONNECTING)
+        self.answer(err)
+
+    def _attach(self, conn: UpstreamProtocol, reused: bool) -> None:
+        self.up = conn
+        self.reused = reused
+        conn.start(self, self.lane.read_timeout)  # type: ignore[union-attr]
+        pending = self.pending
+        conn.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        self.pending = []
+        if self.req_done:
+            self.req_sent = True
+            conn.arm_read_timeout()
+        elif self.expect_continue:
+            self.expect_continue = False
+            self.down.write(CONTINUE_100)
+        if self.down.write_paused:
+            conn.gate.close(PEER_BUSY)
+
+    # -- request side (called by DownstreamProtocol) ------------------------------------------
+
+    def on_request_body(self, chunk: bytes) -> None:
+        self.body_seen += len(chunk)
+        lane = self.lane
+        if lane is not None and lane.max_body and self.body_seen > lane.max_body:
+            raise BodyTooLarge(f"request body over the lane's max_body ({lane.max_body} bytes)")
+        if self.resp == RESP_DONE or self.local is not None:
+            return  # answered already: the rest of the body is read and dropped
+        if self.body_kind == BODY_CHUNKED:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        up = self.up
+        if up is not None:
+            up.transport.write(chunk)
+        else:
+            self.pending.append(chunk)
+
+    def on_request_complete(self) -> None:
+        self.req_done = True
+        if self.resp == RESP_DONE:
+            self._finish()
+            return
+        if self.local is not None:
+            return
+        if self.body_kind == BODY_CHUNKED:
+            if self.up is not None:
+                self.up.transport.write(LAST_CHUNK)
+            else:
+                self.pending.append(LAST_CHUNK)
+        if self.up is not None:
+            self.req_sent = True
+            self.up.arm_read_timeout()
+
+    def request_failed(self, err: ProxyError) -> None:
+        """The client's request turned out bad mid-body: drop the upstream, answer or abort."""
+        self._drop_upstream()
+        if self.resp == RESP_NONE:
+            self.answer(err, close=True)
+        else:
+            self.down.abort()
+
+    # -- response side (called by UpstreamProtocol) --------------------------------------------
+
+    def on_informational(self, status: int, reason: bytes, headers: list[bytes]) -> None:
+        # 100 Continue was laneproxy's own business with the client; other 1xx (103) pass to 1.1.
+        if status != 100 and self.down.http11 and self.resp == RESP_NONE:
+            self.down.write(b"".join([status_line(status, reason), *headers, CRLF]))
+
+    def on_response_head(self, up: UpstreamProtocol) -> None:
+        down = self.down
+        status = up.status
+        self.status = status
+        line = STATUS_LINE.get(status) if not up.reason else None
+        parts = [line or status_line(status, up.reason)]
+        parts += up.headers
+        mode = up.mode
+        if mode == LENGTH:
+            parts.append(b"Content-Length: %d\r\n" % up.content_length)
+        elif mode == NO_BODY:
+            if up.content_length is not None and status != 204:
+                parts.append(b"Content-Length: %d\r\n" % up.content_length)
+        elif down.http11:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+            self.rechunk = True
+        else:
+            self.keep_alive = False  # close-delimited body to an HTTP/1.0 client
+        if not self.req_done:
+            # The upstream answers before the request is complete: it will not read the rest.
+            # The client may keep its connection only if it sends a framed rest we can skip.
+            up.broken = True
+        if not (self.keep_alive and down.may_keep_alive()):
+            self.keep_alive = False
+            parts.append(b"Connection: close\r\n")
+        parts.append(CRLF)
+        self.out.append(b"".join(parts))
+        self.resp = RESP_HEAD_SENT
+
+    def on_response_body(self, body: bytes) -> None:
+        if self.rechunk:
+            self.out.append(b"%x\r\n%b\r\n" % (len(body), body))
+        else:
+            self.out.append(body)
+
+    def flush(self) -> None:
+        """Write what one upstream read produced in one call (head and body share a segment)."""
+        out = self.out
+        if out:
+            self.head_written = True
+            self.down.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def on_response_complete(self) -> None:
+        up = self.up
+        if self.rechunk:
+            self.out.append(LAST_CHUNK)
+        self.flush()
+        self.resp = RESP_DONE
+        reusable = up.is_reusable and self.req_sent  # type: ignore[union-attr]
+        self._release_upstream(reusable)
+        if self.req_done:
+            self._finish()
+        # else: the rest of the request body is read and dropped; on_request_complete finishes.
+
+    def upstream_failed(self, err: ProxyError) -> None:
+        """The upstream connection broke: retry when safe, answer, or abort the client."""
+        up = self.up
+        if self.resp == RESP_HEAD_SENT and not self.head_written:
+            self.out.clear()  # the head never left: the client can still get a clean 502
+            self.resp = RESP_NONE
+            self.rechunk = False
+        retry = (
+            self.resp == RESP_NONE
+            and up is not None
+            and self.reused
+            and up.status == 0
+            and self.idempotent
+            and self.body_kind == BODY_NONE
+            and self.req_done
+            and self.tries <= self.lane.retries  # type: ignore[union-attr]
+            and not isinstance(err, UpstreamTimeout)
+        )
+        self._drop_upstream()
+        if self.server is not None:
+            self.server.failures += 1
+        log.warning(
+            "upstream %s: %s (lane %s, %s)", self.server.name if self.server else "-", err.reason,
+            self.lane.name if self.lane else "-", "retried" if retry else "not retried",
+        )
+        if retry:
+            self.pending = [self.head]
+            self._acquire_fresh()
+        elif self.resp == RESP_NONE:
+            self.answer(err, close=not self.req_done)
+        else:
+            self.flush()
+            self.down.abort()
+
+    def _acquire_fresh(self) -> None:
+        """Retry on a new connection: the reused one may have been closed by the upstream's idle timer."""
+        self.tries += 1
+        server = self.server
+        self.down.gate.close(CONNECTING)
+        server.pool.connecting += 1  # type: ignore[union-attr]
+        self.connect_task = self.down.loop.create_task(self._connect(server))  # type: ignore[arg-type]
+
+    def upstream_write_paused(self) -> None:
+        self.down.gate.close(PEER_BUSY)
+
+    def upstream_write_resumed(self) -> None:
+        self.down.gate.open(PEER_BUSY)
+
+    # -- endings --------------------------------------------------------------------------------
+
+    def answer(self, err: ProxyError, close: bool = False) -> None:
+        """laneproxy's own response for this exchange (the only path that serialises one)."""
+        down = self.down
+        self.status = err.status
+        close = close or err.status in (400, 408, 413, 414, 431, 501, 505) or not self.keep_alive
+        if not close and not down.may_keep_alive():
+            close = True
+        self.keep_alive = not close
+        down.write(error_response(err.status, err.reason, close=close, head_only=self.is_head))
+        self.resp = RESP_DONE
+        self.local = err
+        if close:
+            self._finish(lingering=True)
+        elif self.req_done:
+            self._finish()
+        # else: the body still comes and is dropped; on_request_complete finishes.
+
+    def _release_upstream(self, reusable: bool) -> None:
+        up = self.up
+        if up is None:
+            return
+        self.up = None
+        up.exchange = None
+        up.read_deadline.clear()
+        up.gate.open(PEER_BUSY)  # an idle connection must keep reading to see EOF
+        server = up.server
+        server.pool.release(up, reusable)
+        up.is_idle = reusable and not up.is_closed
+
+    def _drop_upstream(self) -> None:
+        up = self.up
+        if up is not None:
+            up.broken = True
+            self._release_upstream(False)
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+
+    def _finish(self, lingering: bool = False) -> None:
+        if self.counted:
+            self.counted = False
+            lane = self.lane
+            lane.in_flight -= 1  # type: ignore[union-attr]
+            lane.served += 1  # type: ignore[union-attr]
+        self.down.exchange_done(self, lingering)
+
+    def abort(self) -> None:
+        """The client went away: close the upstream at once so it can stop work."""
+        self.aborted = True
+        self._drop_upstream()
+        if self.counted:
+            self.counted = False
+            self.lane.in_flight -= 1  # type: ignore[union-attr]
+
+    def __repr__(self) -> str:
+        lane = self.lane.name if self.lane else "-"
+        return f"<Exchange {self.method.decode()} lane={lane} resp={self.resp} req_done={self.req_done}>"

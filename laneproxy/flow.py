@@ -1,0 +1,107 @@
+"""Flow control and deadlines shared by both sides.
+
+Theory of operation
+-------------------
+Rule 1. Reading from a transport may be paused for several reasons at once (the other side's
+write buffer is full, a pipelined request waits its turn, an upstream is being connected).
+`ReadGate` keeps one bit per reason and touches the transport only when the set goes from
+empty to non-empty or back, so pause/resume calls are idempotent and never unbalanced.
+
+Rule 2. Backpressure crosses the proxy: a full write buffer on one side closes a gate on the
+other side's reading (Envoy's watermarks). Buffers switch at HIGH_WATER / LOW_WATER.
+
+Rule 3. Deadlines are lazy. Moving a deadline later (the common case: every request on a
+keep-alive connection pushes the idle deadline) only stores a number; the timer already
+scheduled fires at its old time, sees the new deadline and re-arms once. Only moving a deadline
+earlier reschedules. This keeps timer churn off the per-request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+KiB = 1024
+HIGH_WATER = 64 * KiB
+LOW_WATER = 16 * KiB
+
+# Reasons to pause reading (bits of ReadGate.reasons).
+PEER_BUSY = 1  # the other side's write buffer is above HIGH_WATER
+PIPELINE = 2  # a pipelined request waits until the one before it is answered
+CONNECTING = 4  # the exchange has no upstream connection yet
+DRAINING = 8  # closing: nothing more is read (lingering close reads on its own)
+
+
+class ReadGate:
+    """Idempotent pause/resume of one transport's reading, by reason."""
+
+    __slots__ = ("transport", "reasons")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.reasons = 0
+
+    def close(self, reason: int) -> None:
+        if not self.reasons:
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):  # transport already closing
+                pass
+        self.reasons |= reason
+
+    def open(self, reason: int) -> None:
+        if self.reasons & reason:
+            self.reasons &= ~reason
+            if not self.reasons:
+                try:
+                    self.transport.resume_reading()
+                except (RuntimeError, AttributeError):
+                    pass
+
+    @property
+    def is_paused(self) -> bool:
+        return bool(self.reasons)
+
+
+class Deadline:
+    """A lazily re-armed timer: `set(when)` is cheap when the new deadline is later."""
+
+    __slots__ = ("loop", "callback", "when", "_handle", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self.loop = loop
+        self.callback = callback
+        self.when = 0.0  # 0 = not armed
+        self._handle: asyncio.TimerHandle | None = None
+        self._scheduled = 0.0
+
+    def set(self, when: float) -> None:
+        self.when = when
+        if self._handle is None:
+            self._handle = self.loop.call_at(when, self._fire)
+            self._scheduled = when
+        elif self._scheduled > when:
+            self._handle.cancel()
+            self._handle = self.loop.call_at(when, self._fire)
+            self._scheduled = when
+
+    def clear(self) -> None:
+        self.when = 0.0
+
+    def cancel(self) -> None:
+        self.when = 0.0
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        when = self.when
+        if not when:
+            return
+        if self.loop.time() + 0.0005 >= when:
+            self.when = 0.0
+            self.callback()
+        else:
+            self._handle = self.loop.call_at(when, self._fire)
+            self._scheduled = when

@@ -1,0 +1,154 @@
+"""HTTP/1.1 wire helpers: status lines, hop-by-hop tables, target and Host checks, canned answers.
+
+Everything here is bytes in, bytes out, precomputed at import time where it can be (uvicorn's
+STATUS_LINE habit). No I/O, no state.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+from laneproxy.errors import BadRequest
+
+CRLF = b"\r\n"
+VIA = b"1.1 laneproxy"
+
+STATUS_LINE: dict[int, bytes] = {
+    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("latin-1")) for s in HTTPStatus
+}
+
+
+def status_line(status: int, reason: bytes = b"") -> bytes:
+    line = STATUS_LINE.get(status)
+    if line is not None and not reason:
+        return line
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason or b"Unknown")
+
+
+# Request fields laneproxy never forwards as received: framing is re-serialised, hop-by-hop
+# fields are removed (RFC 9110 §7.6.1), and the forwarding fields are laneproxy's own.
+# Values: what the downstream parser does with the field (see downstream.on_header).
+H_HOST, H_CL, H_TE, H_CONNECTION, H_EXPECT, H_XFF, H_DROP, H_UPGRADE = range(8)
+REQUEST_SPECIAL: dict[bytes, int] = {
+    b"host": H_HOST,
+    b"content-length": H_CL,
+    b"transfer-encoding": H_TE,
+    b"connection": H_CONNECTION,
+    b"expect": H_EXPECT,
+    b"x-forwarded-for": H_XFF,
+    b"upgrade": H_UPGRADE,
+    b"keep-alive": H_DROP,
+    b"proxy-connection": H_DROP,
+    b"proxy-authorization": H_DROP,
+    b"te": H_DROP,
+    b"trailer": H_DROP,
+    b"x-real-ip": H_DROP,
+    b"x-forwarded-proto": H_DROP,
+    b"x-forwarded-host": H_DROP,
+}
+
+# Response fields handled by the upstream side rather than copied.
+R_CL, R_TE, R_CONNECTION, R_DROP, R_KEEPALIVE = range(5)
+RESPONSE_SPECIAL: dict[bytes, int] = {
+    b"content-length": R_CL,
+    b"transfer-encoding": R_TE,
+    b"connection": R_CONNECTION,
+    b"keep-alive": R_KEEPALIVE,
+    b"proxy-connection": R_DROP,
+    b"trailer": R_DROP,
+    b"upgrade": R_DROP,
+}
+
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+# Methods whose request is expected to carry a body: an empty one is sent as Content-Length: 0.
+BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
+
+
+def split_tokens(value: bytes) -> list[bytes]:
+    """A comma list (Connection, Transfer-Encoding) → lowercased tokens, empty elements dropped."""
+    return [t for t in (p.strip(b" \t").lower() for p in value.split(b",")) if t]
+
+
+# -- request target and Host (RFC 9112 §3.2) ---------------------------------------------------
+
+_HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::([0-9]{1,5}))?")
+_PCT_RE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+# Encoded dot, slash and backslash: an upstream that decodes them would route differently.
+_ENCODED_SEP_RE = re.compile(rb"%(?:2[eEfF]|5[cC])")
+
+
+def check_host(value: bytes) -> bytes:
+    m = _HOST_RE.fullmatch(value)
+    if m is None or (m.group(1) is not None and int(m.group(1)) > 65535):
+        raise BadRequest("invalid Host")
+    return value
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes, bytes | None]:
+    """Request target → (path, query-with-'?', authority or None for origin-form).
+
+    Rejects what would route differently after an upstream's normalisation (dot segments,
+    encoded dots and slashes, backslashes, bad escapes) instead of forwarding it.
+    """
+    authority = None
+    if target[:1] != b"/":
+        lower = target[:8].lower()
+        if lower.startswith(b"http://") or lower.startswith(b"https://"):
+            rest = target[target.index(b"//") + 2 :]
+            cut = len(rest)
+            for sep in (b"/", b"?"):
+                i = rest.find(sep)
+                if i != -1 and i < cut:
+                    cut = i
+            authority, target = rest[:cut], rest[cut:]
+            if not authority or b"@" in authority:
+                raise BadRequest("invalid authority in absolute-form target")
+            check_host(authority)
+            if target[:1] != b"/":
+                target = b"/" + target
+        else:
+            raise BadRequest("invalid request target")
+    q = target.find(b"?")
+    if q == -1:
+        path, query = target, b""
+    else:
+        path, query = target[:q], target[q:]
+    if b"#" in target:
+        raise BadRequest("fragment in request target")
+    if b"%" in path or b"/." in path or b"\\" in path:
+        check_path(path)
+    return path, query, authority
+
+
+def check_path(path: bytes) -> None:
+    if b"\\" in path:
+        raise BadRequest("backslash in path")
+    if _PCT_RE.search(path):
+        raise BadRequest("invalid percent-encoding in path")
+    if _ENCODED_SEP_RE.search(path):
+        raise BadRequest("encoded '.', '/' or '\\' in path")
+    for segment in path.split(b"/"):
+        if segment == b"." or segment == b"..":
+            raise BadRequest("dot segment in path")
+
+
+# -- canned answers ------------------------------------------------------------------------------
+
+
+def error_response(status: int, reason: str, *, close: bool, extra: bytes = b"", head_only: bool = False) -> bytes:
+    """The one place laneproxy's own answers are serialised: short plain text naming the reason."""
+    body = f"{status} {HTTPStatus(status).phrase if status in STATUS_LINE else ''}: {reason}\n".encode()
+    parts = [
+        status_line(status),
+        b"Server: laneproxy\r\nContent-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        extra,
+        b"Connection: close\r\n\r\n" if close else CRLF,
+    ]
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"

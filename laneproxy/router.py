@@ -1,0 +1,49 @@
+"""Router: longest path-prefix match, built once into a table (nginx prefix `location`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from laneproxy.lane import Lane
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    prefix: bytes
+    lane: Lane
+    strip_prefix: bool = False
+    try_files: bool = False
+    root: Path | None = None
+
+    def upstream_path(self, path: bytes) -> bytes:
+        """The path the upstream sees: unchanged, or with the prefix replaced by '/'."""
+        if not self.strip_prefix:
+            return path
+        rest = path[len(self.prefix) :]
+        return rest if rest[:1] == b"/" else b"/" + rest
+
+
+class Router:
+    """`match(path)` checks the table from the longest prefix length to the shortest."""
+
+    __slots__ = ("_table", "_lengths")
+
+    def __init__(self, routes: list[Route]) -> None:
+        self._table = {r.prefix: r for r in routes}
+        self._lengths = sorted({len(p) for p in self._table}, reverse=True)
+
+    def match(self, path: bytes) -> Route | None:
+        table = self._table
+        n = len(path)
+        for length in self._lengths:
+            if length <= n:
+                route = table.get(path[:length])
+                if route is not None:
+                    return route
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Router {[p.decode() for p in sorted(self._table, key=len, reverse=True)]}>"

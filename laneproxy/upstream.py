@@ -1,0 +1,269 @@
+"""UpstreamProtocol: one connection to an upstream server, parsing responses with httptools.
+
+Mirror image of downstream.DownstreamProtocol. The connection is lent to one Exchange at a
+time (`exchange`); while idle in its pool, any byte or EOF makes it discard itself.
+
+httptools pitfalls handled here (docs/http-rules.md a2): a HEAD response ends at its blank line
+whatever its Content-Length (the parser cannot know, so the parser is replaced after it); a
+close-delimited body ends at EOF (there is no finish() call); should_keep_alive() is read inside
+the callbacks; bytes after a complete response make the connection unusable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import httptools
+
+from laneproxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
+from laneproxy.flow import HIGH_WATER, LOW_WATER, Deadline, ReadGate
+from laneproxy.http1 import R_CL, R_CONNECTION, R_KEEPALIVE, R_TE, RESPONSE_SPECIAL, split_tokens
+
+if TYPE_CHECKING:
+    from laneproxy.exchange import Exchange
+    from laneproxy.lane import Server
+
+# Response framing modes.
+NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """Parses responses for the Exchange it is lent to; idle, it only watches for EOF."""
+
+    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
+        # Per-connection state
+        self.server = server
+        self.loop = loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.gate: ReadGate = None  # type: ignore[assignment]
+        self.parser = httptools.HttpResponseParser(self)
+        self.parser_stale = False
+        self.uses = 0
+        self.is_closed = False
+        self.is_idle = False
+        self.write_paused = False
+        self.exchange: Exchange | None = None
+        self.read_deadline = Deadline(loop, self._on_read_timeout)
+        self.read_timeout = 0.0
+        self.last_read = 0.0
+        # Per-response state
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.headers: list[bytes] = []
+        self.content_length: int | None = None
+        self.te: list[bytes] | None = None
+        self.conn_tokens: list[bytes] | None = None
+        self.keep_alive = False
+        self.mode = -1  # framing mode once the head is parsed; -1 = no head yet
+        self.done = False
+        self.broken = False
+        self.informational = False
+
+    # -- Protocol interface -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.gate = ReadGate(self.transport)
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:  # idle: unsolicited bytes (RFC 9112 §9.2 / F14)
+            self._discard_idle()
+            return
+        self.last_read = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            err = exc.__context__
+            if not isinstance(err, ProxyError):
+                raise
+            self.broken = True
+            ex.upstream_failed(err)
+            return
+        except httptools.HttpParserUpgrade:
+            self.broken = True
+            ex.upstream_failed(UpstreamProtocolError("upstream switched protocols unasked"))
+            return
+        except httptools.HttpParserError as exc:
+            self.broken = True
+            ex.upstream_failed(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
+            return
+        if self.exchange is ex:
+            if self.done:
+                ex.on_response_complete()
+            elif ex.out:
+                ex.flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost does the accounting
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_closed = True
+        self.read_deadline.cancel()
+        ex = self.exchange
+        if ex is None:
+            if self.is_idle:
+                self._discard_idle()
+            return
+        if self.mode == UNTIL_CLOSE and not self.done:
+            self.done = True
+            self.keep_alive = False
+            ex.on_response_complete()
+            return
+        elif not self.done:
+            if self.mode == -1:
+                reason = "upstream closed the connection before the response head"
+            else:
+                reason = "upstream closed the connection in the middle of the response body"
+            ex.upstream_failed(UpstreamProtocolError(reason))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.upstream_write_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.upstream_write_resumed()
+
+    # -- Used by Exchange ----------------------------------------------------------------------
+
+    def start(self, exchange: Exchange, read_timeout: float) -> None:
+        """Lend this connection to `exchange` for one request/response."""
+        self.exchange = exchange
+        self.is_idle = False
+        self.uses += 1
+        self.read_timeout = read_timeout
+        if self.parser_stale:
+            self.parser = httptools.HttpResponseParser(self)
+            self.parser_stale = False
+        self._reset_response()
+
+    def arm_read_timeout(self) -> None:
+        self.last_read = now = self.loop.time()
+        self.read_deadline.set(now + self.read_timeout)
+
+    @property
+    def is_reusable(self) -> bool:
+        """Keep-alive allowed, message complete, nothing left over, no error (style.md habit 6)."""
+        return self.keep_alive and self.done and not self.broken and not self.is_closed and self.mode != UNTIL_CLOSE
+
+    def close(self) -> None:
+        if not self.is_closed:
+            self.is_closed = True
+            self.read_deadline.cancel()
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.is_closed = True
+            self.read_deadline.cancel()
+            self.transport.abort()
+
+    def _discard_idle(self) -> None:
+        self.server.pool.discard(self)
+        self.is_idle = False
+        self.close()
+
+    def _on_read_timeout(self) -> None:
+        ex = self.exchange
+        if ex is None or self.done:
+            return
+        now = self.loop.time()
+        if self.gate.is_paused:  # we stopped reading ourselves (slow client): not the upstream's fault
+            self.read_deadline.set(now + self.read_timeout)
+        elif now - self.last_read < self.read_timeout:
+            self.read_deadline.set(self.last_read + self.read_timeout)
+        else:
+            self.broken = True
+            ex.upstream_failed(UpstreamTimeout(f"no upstream bytes within read_timeout ({self.read_timeout:g}s)"))
+
+    # -- Parser callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done or self.exchange is None:  # a second response to one request (F12)
+            self.broken = True
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.done:
+            return
+        kind = RESPONSE_SPECIAL.get(name.lower())
+        if kind is None:
+            self.headers.append(b"%s: %s\r\n" % (name, value.rstrip(b" \t")))
+        elif kind == R_CL:
+            self.content_length = int(value)  # httptools has checked 1*DIGIT and duplicates
+        elif kind == R_TE:
+            self.te = (self.te or []) + split_tokens(value)
+        elif kind == R_CONNECTION:
+            self.conn_tokens = (self.conn_tokens or []) + split_tokens(value)
+        elif kind == R_KEEPALIVE:
+            pass  # issue 5: honour timeout=N
+
+    def on_headers_complete(self) -> None:
+        if self.done:
+            return
+        ex = self.exchange
+        status = self.parser.get_status_code()
+        self.status = status
+        if status < 200:
+            if status == 101:
+                raise UpstreamProtocolError("upstream switched protocols unasked")
+            self.informational = True
+            ex.on_informational(status, self.reason, self.headers)  # type: ignore[union-attr]
+            self.reason = b""
+            self.headers = []
+            self.content_length = None
+            self.te = self.conn_tokens = None
+            return
+        self.keep_alive = self.parser.should_keep_alive()
+        if self.conn_tokens:
+            self._drop_connection_named()
+        if self.te is not None:
+            if self.te != [b"chunked"]:
+                raise UpstreamProtocolError("upstream used a Transfer-Encoding other than chunked")
+            self.content_length = None
+        if ex.is_head or status == 204 or status == 304:  # type: ignore[union-attr]
+            self.mode = NO_BODY
+            self.done = True
+            self.parser_stale = True  # httptools would wait for a HEAD's Content-Length bytes
+        elif self.te is not None:
+            self.mode = CHUNKED
+        elif self.content_length is not None:
+            self.mode = LENGTH
+        else:
+            self.mode = UNTIL_CLOSE
+            self.keep_alive = False
+        ex.on_response_head(self)  # type: ignore[union-attr]
+
+    def on_body(self, body: bytes) -> None:
+        if self.done:
+            self.broken = True  # bytes beyond a complete response
+            return
+        self.exchange.on_response_body(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        if not self.done:
+            self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
+            self.done = True
+
+    def _drop_connection_named(self) -> None:
+        named = set(self.conn_tokens or ()) - {b"close", b"keep-alive"}
+        if named:
+            self.headers = [h for h in self.headers if h.split(b":", 1)[0].lower() not in named]
+
+    def __repr__(self) -> str:
+        state = "idle" if self.exchange is None else "active"
+        return f"<UpstreamProtocol {self.server.name} {state} uses={self.uses}>"
