@@ -242,7 +242,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.is_closed:
             return
         if lingering or not ex.keep_alive:
-            self.close(lingering=True)
+            # Linger only when unread client bytes may be queued (they would turn close into RST).
+            self.close(lingering=lingering or self.parse_dead or self.in_head or self.current is not None)
             return
         if self._starting:
             return  # the loop in _start_next goes on

@@ -1,0 +1,131 @@
+"""Backpressure crosses the proxy: memory stays bounded when one side is slow.
+
+The proxy runs as its own process (`python -m laneproxy run`) so its RSS can be read from /proc
+without counting the test's own buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_config, read_response
+
+MiB = 1024 * 1024
+TOTAL = 100 * MiB
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def spawn_proxy(tmp_path: Path, cfg: dict) -> tuple[subprocess.Popen, int]:
+    path = tmp_path / "laneproxy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "proxy.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "laneproxy", "run", "-c", str(path)], stderr=err)
+    for _ in range(300):  # bounded: 15 s
+        m = re.search(r"listening on http://[^:]+:(\d+)", log.read_text())
+        if m:
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            raise AssertionError(f"proxy exited {proc.returncode}: {log.read_text()}")
+        await asyncio.sleep(0.05)
+    proc.kill()
+    raise AssertionError("proxy did not start")
+
+
+def stop_proxy(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.timeout(60)
+async def test_slow_client_bounds_memory_of_100mib_response(tmp_path, upstream):
+    chunk = b"x" * MiB
+
+    async def big(reader, writer, up):
+        await reader.read_request()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % TOTAL)
+        for _ in range(TOTAL // MiB):
+            writer.write(chunk)
+            await writer.drain()  # blocks while laneproxy stops reading from us
+
+    up = await upstream(big)
+    proc, port = await spawn_proxy(tmp_path, make_config(up.port))
+    try:
+        base = rss_bytes(proc.pid)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=256 * 1024)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"Content-Length: %d" % TOTAL in head
+        got, peak = 0, base
+        while got < TOTAL:
+            data = await reader.read(256 * 1024)
+            assert data, "proxy closed early"
+            got += len(data)
+            if got % (8 * MiB) < 256 * 1024:
+                peak = max(peak, rss_bytes(proc.pid))
+                await asyncio.sleep(0.05)  # a slow reader: the proxy must stop reading upstream
+        assert got == TOTAL
+        growth = peak - base
+        assert growth < 16 * MiB, f"proxy RSS grew by {growth / MiB:.1f} MiB"
+        writer.close()
+    finally:
+        assert stop_proxy(proc) == 0
+
+
+@pytest.mark.timeout(60)
+async def test_slow_upstream_bounds_memory_of_100mib_upload(tmp_path, upstream):
+    async def slow_reader(reader, writer, up):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        got = 0
+        while got < length:
+            data = await reader._reader.read(256 * 1024)  # not recorded: 100 MiB
+            if not data:
+                return
+            got += len(data)
+            if got % (8 * MiB) < 256 * 1024:
+                up.samples.append(got)
+                await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(got)), got))
+        await writer.drain()
+
+    up = await upstream(slow_reader)
+    up.samples = []
+    cfg = make_config(up.port, lane={"max_body": 0})
+    proc, port = await spawn_proxy(tmp_path, cfg)
+    try:
+        base = rss_bytes(proc.pid)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % TOTAL)
+        chunk = b"y" * MiB
+        peak = base
+        for i in range(TOTAL // MiB):
+            writer.write(chunk)
+            await writer.drain()  # blocks while laneproxy stops reading from us
+            if i % 8 == 0:
+                peak = max(peak, rss_bytes(proc.pid))
+        status, _, body = await read_response(reader)
+        assert status == 200 and body == str(TOTAL).encode()
+        growth = peak - base
+        assert growth < 16 * MiB, f"proxy RSS grew by {growth / MiB:.1f} MiB"
+        writer.close()
+    finally:
+        assert stop_proxy(proc) == 0
