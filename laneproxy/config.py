@@ -200,7 +200,20 @@ class RouteConfig(_Model):
     lane: str
     strip_prefix: bool = False
     try_files: bool = False
-    root: str | None = None
+    root: str | None = None  # overrides the top-level root for this route's try_files
+    index: str | None = None  # a directory is served as this file inside it (e.g. index.html)
+    follow_symlinks: bool = False  # follow symlinks that lead outside root (inside root: always)
+    serve_hidden: bool = False  # serve names starting with '.' (.env, .git/...)
+    expires: Duration | None = None  # Cache-Control: max-age for files served (nginx `expires`)
+    gzip_static: bool = False  # serve a .br / .gz sibling when the client accepts it
+    priority: Literal["high", "normal", "low"] = "normal"  # queue class in the lane (issue 6)
+
+    @field_validator("index")
+    @classmethod
+    def _index(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "/" in value or value in (".", "..")):
+            raise ValueError("index is a file name like index.html")
+        return value
 
     @field_validator("prefix")
     @classmethod

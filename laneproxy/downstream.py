@@ -101,6 +101,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._starting = False
         self.in_head = False
         self.head_bytes = 0
+        self._drain_waiter: asyncio.Future[None] | None = None
         self.idle_deadline = Deadline(self.loop, self._on_idle_timeout)
         self.read_deadline = Deadline(self.loop, self._on_read_timeout)
         self.send_deadline = Deadline(self.loop, self._on_send_timeout)
@@ -198,6 +199,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.idle_deadline.cancel()
         self.read_deadline.cancel()
         self.send_deadline.cancel()
+        self._wake_drain()
         active = self.active
         self.active = None
         if active is not None:
@@ -216,6 +218,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.send_deadline.clear()
+        self._wake_drain()
         active = self.active
         if active is not None and active.up is not None:
             active.up.gate.open(PEER_BUSY)
@@ -225,6 +228,21 @@ class DownstreamProtocol(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self.is_closed:
             self.transport.write(data)
+
+    async def drain(self) -> None:
+        """For local responders (files): wait until the client accepts more bytes."""
+        if self.write_paused and not self.is_closed:
+            self._drain_waiter = self.loop.create_future()
+            await self._drain_waiter
+        if self.is_closed:
+            raise ConnectionResetError("client connection closed")
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def may_keep_alive(self) -> bool:
         return not (self.closing or self.ctx.closing)
@@ -428,6 +446,13 @@ class DownstreamProtocol(asyncio.Protocol):
                 self, None, method, b"", body_kind, keep_alive,
                 local=NoRoute(f"no route for {path.decode('latin-1')[:200]}"),
             )
+        static = route.static
+        if static is not None and (method == b"GET" or method == b"HEAD"):
+            file = static.find(path)
+            if file is not None:
+                return Exchange(
+                    self, route, method, b"", body_kind, keep_alive, static=(file, self._request_fields()),
+                )
         lane = route.lane
         if lane.max_body and body_kind == BODY_LENGTH and self.content_length > lane.max_body:  # type: ignore[operator]
             raise BodyTooLarge(f"request body over the lane's max_body ({lane.max_body} bytes)")
@@ -460,6 +485,16 @@ class DownstreamProtocol(asyncio.Protocol):
             self, route, method, head, body_kind, keep_alive,
             expect_continue=expect_continue, idempotent=method in IDEMPOTENT,
         )
+
+    def _request_fields(self) -> dict[bytes, bytes]:
+        """The forwarded fields as {lower-name: value} (first of each), for local responders."""
+        fields: dict[bytes, bytes] = {}
+        for line in self.headers:
+            name, _, value = line[:-2].partition(b": ")
+            fields.setdefault(name.lower(), value)
+        if self.host is not None:
+            fields[b"host"] = self.host
+        return fields
 
     def _request_error(self, err: ProxyError) -> None:
         """The parser stopped on a bad request: answer it in turn, then close."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from laneproxy.errors import BodyTooLarge, ConnectFailed, ProxyError, UpstreamTimeout
@@ -58,7 +59,7 @@ class Exchange:
         "down", "route", "lane", "method", "head", "is_head", "idempotent", "body_kind",
         "body_seen", "expect_continue", "keep_alive", "local", "pending", "up", "server",
         "reused", "req_done", "req_sent", "resp", "rechunk", "tries", "connect_task", "aborted",
-        "counted", "status", "out", "head_written",
+        "counted", "status", "out", "head_written", "static",
     )
 
     def __init__(
@@ -73,6 +74,7 @@ class Exchange:
         expect_continue: bool = False,
         local: ProxyError | None = None,
         idempotent: bool = False,
+        static: tuple[Path, dict[bytes, bytes]] | None = None,
     ) -> None:
         self.down = down
         self.route = route
@@ -86,6 +88,7 @@ class Exchange:
         self.expect_continue = expect_continue
         self.keep_alive = keep_alive  # the client connection may stay open after this exchange
         self.local = local  # laneproxy answers this one itself
+        self.static = static  # (file, request fields): served from disk by the route's StaticFiles
         self.pending: list[bytes] = [head]
         self.up: UpstreamProtocol | None = None
         self.server: Server | None = None
@@ -107,6 +110,9 @@ class Exchange:
     def start(self) -> None:
         if self.local is not None:
             self.answer(self.local)
+            return
+        if self.static is not None:
+            self.connect_task = self.down.loop.create_task(self._serve_static())
             return
         lane = self.lane
         lane.in_flight += 1  # type: ignore[union-attr]
@@ -154,6 +160,26 @@ class Exchange:
         self.down.gate.open(CONNECTING)
         self._attach(conn, reused=False)
 
+    async def _serve_static(self) -> None:
+        down = self.down
+        file, fields = self.static  # type: ignore[misc]
+        self.keep_alive = self.keep_alive and down.may_keep_alive()
+        try:
+            self.status = await self.route.static.respond(  # type: ignore[union-attr]
+                down, file, self.method, fields, self.keep_alive
+            )
+        except asyncio.CancelledError:
+            return
+        except OSError as exc:  # the file went away or broke mid-way: the head may be out already
+            log.warning("static %s: %s", file, exc)
+            down.abort()
+            return
+        finally:
+            self.connect_task = None
+        self.resp = RESP_DONE
+        if self.req_done:
+            self._finish()
+
     def _connect_failed(self, server: Server, err: ProxyError) -> None:
         server.failures += 1
         log.warning("upstream %s: %s (lane %s)", server.name, err.reason, self.lane.name)  # type: ignore[union-attr]
@@ -189,8 +215,8 @@ class Exchange:
         lane = self.lane
         if lane is not None and lane.max_body and self.body_seen > lane.max_body:
             raise BodyTooLarge(f"request body over the lane's max_body ({lane.max_body} bytes)")
-        if self.resp == RESP_DONE or self.local is not None:
-            return  # answered already: the rest of the body is read and dropped
+        if self.resp == RESP_DONE or self.local is not None or self.static is not None:
+            return  # answered by laneproxy: the rest of the body is read and dropped
         if self.body_kind == BODY_CHUNKED:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         up = self.up
@@ -204,7 +230,7 @@ class Exchange:
         if self.resp == RESP_DONE:
             self._finish()
             return
-        if self.local is not None:
+        if self.local is not None or self.static is not None:
             return
         if self.body_kind == BODY_CHUNKED:
             if self.up is not None:

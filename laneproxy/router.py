@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from laneproxy.lane import Lane
+    from laneproxy.static import StaticFiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,8 +15,8 @@ class Route:
     prefix: bytes
     lane: Lane
     strip_prefix: bool = False
-    try_files: bool = False
-    root: Path | None = None
+    static: StaticFiles | None = None  # try_files: files under root are served before the lane
+    priority: int = 1  # queue class in the lane: 0 high, 1 normal, 2 low
 
     def upstream_path(self, path: bytes) -> bytes:
         """The path the upstream sees: unchanged, or with the prefix replaced by '/'."""

@@ -11,20 +11,30 @@ from laneproxy.config import ProxyConfig
 from laneproxy.downstream import Context, DownstreamProtocol
 from laneproxy.lane import Lane
 from laneproxy.router import Route, Router
+from laneproxy.static import StaticFiles
 
 log = logging.getLogger("laneproxy")
 
 BACKLOG = 511  # as nginx
 
 
+PRIORITY = {"high": 0, "normal": 1, "low": 2}
+
+
 def build_router(cfg: ProxyConfig, lanes: dict[str, Lane]) -> Router:
-    return Router([
-        Route(
+    routes = []
+    for r in cfg.routes:
+        static = None
+        if r.try_files:
+            static = StaticFiles(
+                cfg.root_for(r), index=r.index, follow_symlinks=r.follow_symlinks,
+                serve_hidden=r.serve_hidden, expires=r.expires, gzip_static=r.gzip_static,
+            )
+        routes.append(Route(
             prefix=r.prefix.encode(), lane=lanes[r.lane], strip_prefix=r.strip_prefix,
-            try_files=r.try_files, root=cfg.root_for(r) if r.try_files else None,
-        )
-        for r in cfg.routes
-    ])
+            static=static, priority=PRIORITY[r.priority],
+        ))
+    return Router(routes)
 
 
 class Proxy:
