@@ -32,7 +32,11 @@ def summary(cfg: ProxyConfig) -> str:
     lines.append(f"workers: {cfg.workers}")
     lines.append("lanes:")
     for name, lane in cfg.lanes.items():
-        servers = ", ".join(_addr(h, p) for h, p in lane.servers)
+        servers = ", ".join(
+            _addr(*s.address) + (f" weight={s.weight}" if s.weight != 1 else "")
+            + (" backup" if s.backup else "") + (" down" if s.down else "")
+            for s in lane.servers
+        )
         limit = f"limit {lane.limit}, queue {lane.queue}" if lane.limit else "no limit"
         lines.append(
             f"  {name}: {servers} ({limit}; keepalive {lane.keepalive}, "

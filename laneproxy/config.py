@@ -156,10 +156,59 @@ class ClientConfig(_Model):
         return tuple(out)
 
 
+class ServerConfig(_Model):
+    """One upstream server: `"host:port"`, or a mapping with nginx's `server` parameters."""
+
+    address: HostPort
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    max_fails: Count = 1  # failures within fail_timeout that mark the server down; 0 = never
+    fail_timeout: Duration = 10.0  # the window for max_fails, and how long the server is skipped
+    backup: bool = False  # used only when every non-backup server is down
+    down: bool = False  # never used (kept in the config for a quick switch)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            parse_hostport(value)  # errors belong to servers[i], not servers[i].address
+            return {"address": value}
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.address[0]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+
+class HealthConfig(_Model):
+    """Active health checks: GET `path` on a separate connection every `interval`."""
+
+    path: str = "/"
+    interval: Annotated[Duration, Field(gt=0)] = 5.0
+    timeout: Annotated[Duration, Field(gt=0)] = 2.0
+    rise: PositiveInt = 2  # passes in a row that bring a failed server back
+    fall: PositiveInt = 3  # failures in a row that take a server out
+    status: tuple[Annotated[int, Field(ge=100, le=599)], ...] = ()  # passing statuses; () = 2xx and 3xx
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not re.fullmatch(r"/[\x21-\x7e]*", value):
+            raise ValueError("a path starting with / without spaces")
+        return value
+
+
+RETRY_CONDITIONS = ("error", "timeout", "http_500", "http_502", "http_503", "http_504", "http_429")
+
+
 class LaneConfig(_Model):
     """A named group of upstream servers with its own pool, limits and queue."""
 
-    servers: Annotated[tuple[HostPort, ...], Field(min_length=1)]
+    servers: Annotated[tuple[ServerConfig, ...], Field(min_length=1)]
+    balance: Literal["round_robin", "least_conn", "p2c"] = "round_robin"
     keepalive: Count = 10240
     keepalive_timeout: Duration = 60.0
     keepalive_requests: PositiveInt = 1000
@@ -170,9 +219,30 @@ class LaneConfig(_Model):
     limit: Count = 0
     queue: Count = 0
     queue_timeout: Duration = 30.0
+    queue_target: Duration | None = None  # CoDel target queue wait; default from queue_timeout
+    queue_interval: Duration | None = None  # CoDel interval; default from queue_target
     retries: Count = 1
+    retry_timeout: Duration = 0.0  # stop retrying after this long since the first try; 0 = no limit
+    retry_on: tuple[str, ...] = ("error", "timeout")  # nginx proxy_next_upstream conditions
+    health: HealthConfig | None = None
     upgrade: tuple[str, ...] = ("websocket",)
     tunnel_idle_timeout: Duration = 3600.0
+    limit_streams: bool = True  # a tunnel or stream keeps counting against `limit` until it ends
+
+    @field_validator("retry_on", mode="before")
+    @classmethod
+    def _retry_on(cls, value: Any) -> Any:
+        value = _one_or_many(value) if value else ()
+        for item in value:
+            if item not in RETRY_CONDITIONS:
+                raise ValueError(f"unknown condition {item!r} (known: {', '.join(RETRY_CONDITIONS)})")
+        return value
+
+    @model_validator(mode="after")
+    def _has_primary(self) -> LaneConfig:
+        if all(s.backup or s.down for s in self.servers):
+            raise ValueError("every server is backup or down: nothing would serve this lane")
+        return self
 
     @field_validator("servers", mode="before")
     @classmethod

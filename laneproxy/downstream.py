@@ -461,6 +461,8 @@ class DownstreamProtocol(asyncio.Protocol):
             named = set(self.conn_tokens) - _KEEP_TOKENS
             if named:  # remove what Connection names before adding laneproxy's own fields
                 headers = [h for h in headers if h.split(b":", 1)[0].lower() not in named]
+                if b"x-forwarded-for" in named:
+                    self.xff = None
         if self.xff is not None:
             xff = b"X-Forwarded-For: %s, %s\r\n" % (b", ".join(self.xff), self.peer_ip)
         else:
@@ -478,7 +480,7 @@ class DownstreamProtocol(asyncio.Protocol):
             method, b" ", target, b" HTTP/1.1\r\nHost: ", out_host, CRLF,
             *headers,
             self.fwd_fixed, xff,
-            b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (host if host is not None else out_host, VIA),
+            b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (out_host, VIA),
             framing,
         ])
         return Exchange(

@@ -13,6 +13,7 @@ class ProxyError(Exception):
     status = 500
     side: Side = "internal"
     retryable = False
+    condition = "error"  # which retry_on condition (nginx proxy_next_upstream) this failure is
 
     def __init__(self, reason: str, status: int | None = None, *, retryable: bool | None = None):
         super().__init__(reason)
@@ -51,6 +52,7 @@ class ConnectFailed(ProxyError):
 class UpstreamTimeout(ProxyError):
     status = 504
     side = "upstream"
+    condition = "timeout"
 
 
 class UpstreamProtocolError(ProxyError):
@@ -58,3 +60,13 @@ class UpstreamProtocolError(ProxyError):
 
     status = 502
     side = "upstream"
+
+
+class UpstreamStatus(ProxyError):
+    """An upstream answer whose status is a retry_on condition (http_502 ...), retried unsent."""
+
+    side = "upstream"
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"upstream answered {status}", 502)
+        self.condition = f"http_{status}"

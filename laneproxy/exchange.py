@@ -32,7 +32,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from laneproxy.errors import BodyTooLarge, ConnectFailed, ProxyError, UpstreamTimeout
+from laneproxy.errors import BodyTooLarge, ConnectFailed, ProxyError, UpstreamStatus, UpstreamTimeout
 from laneproxy.flow import CONNECTING, PEER_BUSY
 from laneproxy.http1 import CONTINUE_100, CRLF, STATUS_LINE, error_response, status_line
 from laneproxy.upstream import LENGTH, NO_BODY, UpstreamProtocol
@@ -59,7 +59,8 @@ class Exchange:
         "down", "route", "lane", "method", "head", "is_head", "idempotent", "body_kind",
         "body_seen", "expect_continue", "keep_alive", "local", "pending", "up", "server",
         "reused", "req_done", "req_sent", "resp", "rechunk", "tries", "connect_task", "aborted",
-        "counted", "status", "out", "head_written", "static",
+        "counted", "status", "out", "head_written", "static", "tried", "started",
+        "server_busy",
     )
 
     def __init__(
@@ -98,6 +99,9 @@ class Exchange:
         self.resp = RESP_NONE
         self.rechunk = False
         self.tries = 0
+        self.tried: tuple[Server, ...] = ()
+        self.started = 0.0
+        self.server_busy = False
         self.connect_task: asyncio.Task[None] | None = None
         self.aborted = False
         self.counted = False
@@ -117,19 +121,29 @@ class Exchange:
         lane = self.lane
         lane.in_flight += 1  # type: ignore[union-attr]
         self.counted = True
-        self._acquire(None)
+        self.started = self.down.loop.time()
+        if not self._acquire(fresh=False):
+            self.answer(ConnectFailed(f"no live upstream servers in lane {lane.name}"))  # type: ignore[union-attr]
 
-    def _acquire(self, exclude: Server | None) -> None:
+    def _acquire(self, fresh: bool) -> bool:
+        """Pick a server and get a connection (pooled, or a connect task); False: none left."""
+        server = self.lane.pick(self.tried)  # type: ignore[union-attr]
+        if server is None:
+            return False
         self.tries += 1
-        server = self.lane.pick(exclude)  # type: ignore[union-attr]
+        self.tried += (server,)
         self.server = server
-        conn = server.pool.acquire()
+        self.server_busy = True
+        server.in_flight += 1
+        server.requests += 1
+        conn = None if fresh else server.pool.acquire()
         if conn is not None:
             self._attach(conn, reused=True)
-            return
+            return True
         self.down.gate.close(CONNECTING)
         server.pool.connecting += 1
         self.connect_task = self.down.loop.create_task(self._connect(server))
+        return True
 
     async def _connect(self, server: Server) -> None:
         loop = self.down.loop
@@ -150,7 +164,10 @@ class Exchange:
         server.pool.connecting -= 1
         self.connect_task = None
         if err is not None:
-            self._connect_failed(server, err)
+            if not self.aborted:
+                self.upstream_failed(err)
+            else:
+                self._server_done()
             return
         server.pool.add_active()
         if self.aborted:  # the client left while we connected: keep the fresh connection warm
@@ -179,18 +196,6 @@ class Exchange:
         self.resp = RESP_DONE
         if self.req_done:
             self._finish()
-
-    def _connect_failed(self, server: Server, err: ProxyError) -> None:
-        server.failures += 1
-        log.warning("upstream %s: %s (lane %s)", server.name, err.reason, self.lane.name)  # type: ignore[union-attr]
-        if self.aborted:
-            return
-        lane = self.lane
-        if self.tries <= lane.retries and len(lane.servers) > 1:  # type: ignore[union-attr]
-            self._acquire(server)
-            return
-        self.down.gate.open(CONNECTING)
-        self.answer(err)
 
     def _attach(self, conn: UpstreamProtocol, reused: bool) -> None:
         self.up = conn
@@ -259,6 +264,13 @@ class Exchange:
     def on_response_head(self, up: UpstreamProtocol) -> None:
         down = self.down
         status = up.status
+        if status >= 500 or status == 429:
+            lane = self.lane
+            if f"http_{status}" in lane.retry_on:  # type: ignore[union-attr]
+                err = UpstreamStatus(status)
+                if self._may_retry(err, False, False):
+                    raise err  # the parser stops; upstream_failed retries on another server
+                lane.record_failure(self.server)  # type: ignore[union-attr,arg-type]
         self.status = status
         line = STATUS_LINE.get(status) if not up.reason else None
         parts = [line or status_line(status, up.reason)]
@@ -305,6 +317,9 @@ class Exchange:
             self.out.append(LAST_CHUNK)
         self.flush()
         self.resp = RESP_DONE
+        server = self.server
+        if server.fails:  # type: ignore[union-attr]
+            self.lane.record_success(server)  # type: ignore[union-attr,arg-type]
         reusable = up.is_reusable and self.req_sent  # type: ignore[union-attr]
         self._release_upstream(reusable)
         if self.req_done:
@@ -312,46 +327,54 @@ class Exchange:
         # else: the rest of the request body is read and dropped; on_request_complete finishes.
 
     def upstream_failed(self, err: ProxyError) -> None:
-        """The upstream connection broke: retry when safe, answer, or abort the client."""
+        """The upstream side failed: retry when safe (a3 rule 4), else answer or abort the client."""
         up = self.up
         if self.resp == RESP_HEAD_SENT and not self.head_written:
             self.out.clear()  # the head never left: the client can still get a clean 502
             self.resp = RESP_NONE
             self.rechunk = False
-        retry = (
-            self.resp == RESP_NONE
-            and up is not None
-            and self.reused
-            and up.status == 0
-            and self.idempotent
-            and self.body_kind == BODY_NONE
-            and self.req_done
-            and self.tries <= self.lane.retries  # type: ignore[union-attr]
-            and not isinstance(err, UpstreamTimeout)
-        )
+        lane = self.lane
+        server = self.server
+        connect_stage = up is None
+        # The keep-alive race: a reused connection closed before any response byte. Not the
+        # server's fault; a fresh connection to the same server is the cure.
+        race = not connect_stage and self.reused and up.status == 0 and err.condition == "error"  # type: ignore[union-attr]
         self._drop_upstream()
-        if self.server is not None:
-            self.server.failures += 1
+        if server is not None and not race and err.condition in lane.retry_on:  # type: ignore[union-attr]
+            lane.record_failure(server)  # type: ignore[union-attr]
+        retry = self._may_retry(err, connect_stage, race)
+        if retry and race:
+            self.tried = self.tried[:-1]  # the same server again, on a new connection
         log.warning(
-            "upstream %s: %s (lane %s, %s)", self.server.name if self.server else "-", err.reason,
-            self.lane.name if self.lane else "-", "retried" if retry else "not retried",
+            "upstream %s: %s (lane %s, %s)", server.name if server else "-", err.reason,
+            lane.name if lane else "-", "retrying" if retry else "not retried",
         )
         if retry:
-            self.pending = [self.head]
-            self._acquire_fresh()
-        elif self.resp == RESP_NONE:
+            server.retried += 1  # type: ignore[union-attr]
+            if not connect_stage:  # what was sent is replayed; before a connect nothing was sent
+                self.pending = [self.head]
+            if self._acquire(fresh=race):
+                return
+        self.down.gate.open(CONNECTING)
+        if self.resp == RESP_NONE:
             self.answer(err, close=not self.req_done)
         else:
             self.flush()
             self.down.abort()
 
-    def _acquire_fresh(self) -> None:
-        """Retry on a new connection: the reused one may have been closed by the upstream's idle timer."""
-        self.tries += 1
-        server = self.server
-        self.down.gate.close(CONNECTING)
-        server.pool.connecting += 1  # type: ignore[union-attr]
-        self.connect_task = self.down.loop.create_task(self._connect(server))  # type: ignore[arg-type]
+    def _may_retry(self, err: ProxyError, connect_stage: bool, race: bool) -> bool:
+        """Safe-retry rules: nothing reached the client, tries and time left, and either nothing
+        was sent (connect stage) or the request is idempotent and fully replayable."""
+        lane = self.lane
+        if self.resp != RESP_NONE or self.aborted or lane is None or self.tries > lane.retries:
+            return False
+        if lane.retry_timeout and self.down.loop.time() - self.started > lane.retry_timeout:
+            return False
+        if connect_stage:
+            return err.condition in lane.retry_on
+        if not (self.idempotent and self.body_kind == BODY_NONE and self.req_done):
+            return False  # RFC 9110 §9.2.2: never replay what is not safe to replay
+        return race or err.condition in lane.retry_on
 
     def upstream_write_paused(self) -> None:
         self.down.gate.close(PEER_BUSY)
@@ -382,6 +405,7 @@ class Exchange:
         up = self.up
         if up is None:
             return
+        self._server_done()
         self.up = None
         up.exchange = None
         up.read_deadline.clear()
@@ -389,6 +413,11 @@ class Exchange:
         server = up.server
         server.pool.release(up, reusable)
         up.is_idle = reusable and not up.is_closed
+
+    def _server_done(self) -> None:
+        if self.server_busy:
+            self.server_busy = False
+            self.server.in_flight -= 1  # type: ignore[union-attr]
 
     def _drop_upstream(self) -> None:
         up = self.up
@@ -398,6 +427,7 @@ class Exchange:
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
+        self._server_done()
 
     def _finish(self, lingering: bool = False) -> None:
         if self.counted:

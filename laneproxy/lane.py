@@ -1,69 +1,165 @@
-"""Lane: a named group of upstream servers with its own pools, timeouts and limits."""
+"""Lane: a named group of upstream servers with its own pools, balancing, health and limits.
+
+Passive health follows nginx: a server that fails `max_fails` times within `fail_timeout` is
+skipped for `fail_timeout`; a lane with a single server never marks it down (there is nothing
+else to send to). What counts as a failure is the lane's `retry_on` (nginx
+`proxy_next_upstream`): `error` (connect refused/reset, broken response), `timeout`, `http_5xx`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 
-from laneproxy.config import LaneConfig
+from laneproxy.config import LaneConfig, ServerConfig
 from laneproxy.pool import Pool
+
+log = logging.getLogger("laneproxy.lane")
 
 
 class Server:
-    """One upstream endpoint of a lane, with its pool."""
+    """One upstream endpoint of a lane: its pool, passive and active health, counters."""
 
-    __slots__ = ("host", "port", "name", "pool", "failures")
+    __slots__ = (
+        "host", "port", "name", "cfg", "pool", "weight", "backup", "in_flight", "current_weight",
+        "fails", "fail_window_start", "down_until", "health_ok", "requests", "failures", "retried",
+        "marked_down",
+    )
 
-    def __init__(self, host: str, port: int, cfg: LaneConfig, loop: asyncio.AbstractEventLoop) -> None:
-        self.host = host
-        self.port = port
-        self.name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    def __init__(self, scfg: ServerConfig, cfg: LaneConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.host, self.port = scfg.address
+        self.name = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        self.cfg = scfg
         self.pool = Pool(self.name, cfg.keepalive, cfg.keepalive_timeout, cfg.keepalive_requests, loop)
+        self.weight = scfg.weight
+        self.backup = scfg.backup
+        self.in_flight = 0
+        self.current_weight = 0
+        self.fails = 0
+        self.fail_window_start = 0.0
+        self.down_until = 0.0
+        self.health_ok = True  # active health (lanes with `health:`); passive uses down_until
+        # Counters, plain integers read at scrape time.
+        self.requests = 0
         self.failures = 0
+        self.retried = 0
+        self.marked_down = 0
+
+    def available(self, now: float) -> bool:
+        return not self.cfg.down and self.health_ok and self.down_until <= now
 
     def __repr__(self) -> str:
-        return f"<Server {self.name} {self.pool!r}>"
+        return f"<Server {self.name} in_flight={self.in_flight} {self.pool!r}>"
 
 
 class Lane:
-    """`pick()` chooses the server for the next exchange (round robin)."""
+    """`pick()` chooses the server for the next try; `record_*` feed passive health."""
 
     def __init__(self, name: str, cfg: LaneConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.name = name
         self.cfg = cfg
-        self.servers = [Server(h, p, cfg, loop) for h, p in cfg.servers]
-        self._next = 0
+        self.loop = loop
+        self.servers = [Server(s, cfg, loop) for s in cfg.servers]
+        self.primary = [s for s in self.servers if not s.backup]
+        self.backups = [s for s in self.servers if s.backup]
+        self.single = self.servers[0] if len(self.servers) == 1 else None
+        self._pick = {"round_robin": self._round_robin, "least_conn": self._least_conn, "p2c": self._p2c}[
+            cfg.balance
+        ]
+        self._rng = random.Random()
         # Hot-path copies of the settings (attribute lookups on pydantic models are slower).
         self.max_body = cfg.max_body
         self.connect_timeout = cfg.connect_timeout
         self.read_timeout = cfg.read_timeout
         self.send_timeout = cfg.send_timeout
         self.retries = cfg.retries
+        self.retry_timeout = cfg.retry_timeout
+        self.retry_on = frozenset(cfg.retry_on)
         # Counters, plain integers read at scrape time.
         self.in_flight = 0
         self.served = 0
         self.failed = 0
 
-    def pick(self, exclude: Server | None = None) -> Server:
-        servers = self.servers
-        n = len(servers)
-        if n == 1:
-            return servers[0]
-        i = self._next
-        self._next = (i + 1) % n
-        server = servers[i % n]
-        if server is exclude:
-            server = servers[(i + 1) % n]
-            self._next = (i + 2) % n
-        return server
+    # -- choosing a server ------------------------------------------------------------------------
+
+    def pick(self, tried: tuple[Server, ...] = ()) -> Server | None:
+        """The server for the next try, skipping `tried` and unavailable ones; None = none left."""
+        single = self.single
+        if single is not None:
+            return None if tried else single  # one server: never marked down, nowhere else to go
+        now = self.loop.time()
+        candidates = [s for s in self.primary if s not in tried and s.available(now)]
+        if not candidates:
+            candidates = [s for s in self.backups if s not in tried and s.available(now)]
+            if not candidates:
+                return None
+        if len(candidates) == 1:
+            return candidates[0]
+        return self._pick(candidates)
+
+    @staticmethod
+    def _round_robin(candidates: list[Server]) -> Server:
+        # nginx's smooth weighted round robin: spreads a weight-5 server's turns evenly.
+        total = 0
+        best = candidates[0]
+        for s in candidates:
+            s.current_weight += s.weight
+            total += s.weight
+            if s.current_weight > best.current_weight:
+                best = s
+        best.current_weight -= total
+        return best
+
+    def _least_conn(self, candidates: list[Server]) -> Server:
+        best = min(s.in_flight / s.weight for s in candidates)
+        ties = [s for s in candidates if s.in_flight / s.weight == best]
+        return ties[0] if len(ties) == 1 else self._round_robin(ties)
+
+    def _p2c(self, candidates: list[Server]) -> Server:
+        a, b = self._rng.sample(candidates, 2)
+        return a if a.in_flight / a.weight <= b.in_flight / b.weight else b
+
+    # -- passive health -----------------------------------------------------------------------------
+
+    def record_failure(self, server: Server) -> None:
+        server.failures += 1
+        if self.single is not None or server.cfg.max_fails == 0:
+            return
+        now = self.loop.time()
+        if now - server.fail_window_start > server.cfg.fail_timeout:
+            server.fail_window_start = now
+            server.fails = 0
+        server.fails += 1
+        if server.fails >= server.cfg.max_fails and server.down_until <= now:
+            server.down_until = now + server.cfg.fail_timeout
+            server.marked_down += 1
+            server.fails = 0
+            log.warning(
+                "upstream %s (lane %s): %d failure(s) within %gs, skipped for %gs",
+                server.name, self.name, server.cfg.max_fails, server.cfg.fail_timeout, server.cfg.fail_timeout,
+            )
+
+    def record_success(self, server: Server) -> None:
+        if server.fails:
+            server.fails = 0
 
     def close(self) -> None:
         for server in self.servers:
             server.pool.close()
 
     def stats(self) -> dict[str, object]:
+        now = self.loop.time()
         return {
             "in_flight": self.in_flight, "served": self.served, "failed": self.failed,
-            "servers": {s.name: s.pool.stats() for s in self.servers},
+            "servers": {
+                s.name: {
+                    **s.pool.stats(), "in_flight": s.in_flight, "requests": s.requests,
+                    "failures": s.failures, "retried": s.retried, "up": s.available(now),
+                    "backup": s.backup, "weight": s.weight,
+                }
+                for s in self.servers
+            },
         }
 
     def __repr__(self) -> str:

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 Rule 1. A connection is either active (lent out by `acquire`) or idle (in `_idle`, stamped with
 the monotonic time it went idle). The pool never reads or writes; it only keeps, hands out and
-closes opaque connections (objects with `close()` and a `uses` count).
+closes opaque connections (objects with `close()`, `is_closed`, a `uses` count, an `expires_at` time and
+`still_open(idle_seconds)`, a last check at the moment the connection is taken).
 
 Rule 2. `acquire()` takes the most recently used idle connection (LIFO: the least likely to
 have been closed by the upstream's own idle timer) and drops expired ones on the way.
@@ -55,10 +56,11 @@ class Pool:
         idle = self._idle
         if not idle:
             return None
-        oldest_ok = self.loop.time() - self.idle_timeout
+        now = self.loop.time()
+        oldest_ok = now - self.idle_timeout
         while idle:
             conn, since = idle.pop()
-            if since > oldest_ok and not conn.is_closed:
+            if since > oldest_ok and conn.expires_at > now and conn.still_open(now - since):
                 self.active += 1
                 self.reused += 1
                 return conn

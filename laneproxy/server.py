@@ -9,6 +9,7 @@ import socket
 
 from laneproxy.config import ProxyConfig
 from laneproxy.downstream import Context, DownstreamProtocol
+from laneproxy.health import HealthChecker
 from laneproxy.lane import Lane
 from laneproxy.router import Route, Router
 from laneproxy.static import StaticFiles
@@ -46,6 +47,7 @@ class Proxy:
         self.lanes = {name: Lane(name, lane_cfg, self.loop) for name, lane_cfg in cfg.lanes.items()}
         self.router = build_router(cfg, self.lanes)
         self.ctx = Context(self.loop, self.router, cfg.client)
+        self.health = [HealthChecker(lane, lane.cfg.health) for lane in self.lanes.values() if lane.cfg.health]
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
         self._stopped = asyncio.Event()
@@ -71,6 +73,8 @@ class Proxy:
             self.servers.clear()
             self.addresses.clear()
             raise
+        for checker in self.health:
+            checker.start()
         for host, port in self.addresses:
             shown = f"[{host}]" if ":" in host else host
             log.info("listening on http://%s:%d", shown, port)
@@ -95,6 +99,8 @@ class Proxy:
             await asyncio.sleep(0.05)
         for conn in list(ctx.connections):
             conn.abort()
+        for checker in self.health:
+            await checker.stop()
         for lane in self.lanes.values():
             lane.close()
         self._stopped.set()

@@ -12,6 +12,7 @@ the callbacks; bytes after a complete response make the connection unusable.
 from __future__ import annotations
 
 import asyncio
+import select
 from typing import TYPE_CHECKING
 
 import httptools
@@ -23,6 +24,8 @@ from laneproxy.http1 import R_CL, R_CONNECTION, R_KEEPALIVE, R_TE, RESPONSE_SPEC
 if TYPE_CHECKING:
     from laneproxy.exchange import Exchange
     from laneproxy.lane import Server
+
+POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 
 # Response framing modes.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
@@ -42,6 +45,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self.uses = 0
         self.is_closed = False
         self.is_idle = False
+        self.expires_at = float("inf")  # from the upstream's `Keep-Alive: timeout=N`
+        self._poll: select.poll | None = None
         self.write_paused = False
         self.exchange: Exchange | None = None
         self.read_deadline = Deadline(loop, self._on_read_timeout)
@@ -69,6 +74,10 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.gate = ReadGate(self.transport)
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN | POLLRDHUP)
 
     def data_received(self, data: bytes) -> None:
         ex = self.exchange
@@ -91,6 +100,9 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         except httptools.HttpParserError as exc:
             self.broken = True
+            if self.done:  # bytes after a complete response (F12): keep the answer, drop the conn
+                ex.on_response_complete()
+                return
             ex.upstream_failed(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
             return
         if self.exchange is ex:
@@ -144,6 +156,18 @@ class UpstreamProtocol(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
             self.parser_stale = False
         self._reset_response()
+
+    def still_open(self, idle_for: float) -> bool:
+        """Taken from the pool: an idle connection must not be readable (EOF or stray bytes that
+        the loop has not dispatched yet). One poll(2), only after a noticeable idle time."""
+        if self.is_closed:
+            return False
+        if idle_for < 0.5 or self._poll is None:
+            return True
+        try:
+            return not self._poll.poll(0)
+        except OSError:
+            return False
 
     def arm_read_timeout(self) -> None:
         self.last_read = now = self.loop.time()
@@ -207,7 +231,7 @@ class UpstreamProtocol(asyncio.Protocol):
         elif kind == R_CONNECTION:
             self.conn_tokens = (self.conn_tokens or []) + split_tokens(value)
         elif kind == R_KEEPALIVE:
-            pass  # issue 5: honour timeout=N
+            self._keep_alive_hint(value)
 
     def on_headers_complete(self) -> None:
         if self.done:
@@ -258,6 +282,16 @@ class UpstreamProtocol(asyncio.Protocol):
         if not self.done:
             self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
             self.done = True
+
+    def _keep_alive_hint(self, value: bytes) -> None:
+        # `Keep-Alive: timeout=5, max=100`: retire the connection a little before the upstream
+        # closes it, to stay out of the reuse race (a3 rule 4).
+        for part in value.split(b","):
+            key, _, num = part.strip().partition(b"=")
+            if key.lower() == b"timeout" and num.strip().isdigit():
+                timeout = int(num.strip())
+                margin = 1.0 if timeout >= 4 else timeout / 4
+                self.expires_at = self.loop.time() + timeout - margin
 
     def _drop_connection_named(self) -> None:
         named = set(self.conn_tokens or ()) - {b"close", b"keep-alive"}

@@ -623,7 +623,7 @@ def test_listen_string_or_list(listen_yaml, expected):
 )
 def test_servers_string_or_list(servers_yaml, expected):
     cfg = parse_config(MINIMAL.replace('["127.0.0.1:8686"]', servers_yaml))
-    assert cfg.lanes["task"].servers == expected
+    assert tuple(s.address for s in cfg.lanes["task"].servers) == expected
 
 
 @pytest.mark.parametrize(
@@ -891,9 +891,9 @@ def test_shipped_default_matches_interface(path):
     assert cfg.access_log is None
     assert cfg.admin is None
     assert list(cfg.lanes) == ["webman", "task"]
-    assert cfg.lanes["webman"].servers == (("127.0.0.1", 8787),)
+    assert [s.address for s in cfg.lanes["webman"].servers] == [("127.0.0.1", 8787)]
     assert cfg.lanes["webman"].limit == 0
-    assert cfg.lanes["task"].servers == (("127.0.0.1", 8686),)
+    assert [s.address for s in cfg.lanes["task"].servers] == [("127.0.0.1", 8686)]
     assert cfg.lanes["task"].limit == 8
     assert cfg.lanes["task"].queue == 1000
     assert cfg.lanes["task"].read_timeout == 300.0
@@ -985,3 +985,44 @@ def test_every_interface_key_is_accepted():
 
 def test_log_format_json_accepted():
     assert parse_config(MINIMAL + "log_format: json\n").log_format == "json"
+
+
+def test_server_mapping_form_and_its_errors():
+    cfg = parse_config(MINIMAL.replace(
+        '["127.0.0.1:8686"]',
+        '["127.0.0.1:8686", {address: "127.0.0.1:8687", weight: 3, max_fails: 2, fail_timeout: 5s}, '
+        '{address: "127.0.0.1:8688", backup: true}, {address: "127.0.0.1:8689", down: true}]',
+    ))
+    a, b, c, d = cfg.lanes["task"].servers
+    assert (a.address, a.weight, a.max_fails, a.fail_timeout, a.backup) == (("127.0.0.1", 8686), 1, 1, 10.0, False)
+    assert (b.port, b.weight, b.max_fails, b.fail_timeout) == (8687, 3, 2, 5.0)
+    assert c.backup and d.down
+    with pytest.raises(ConfigError) as exc:
+        parse_config(MINIMAL.replace(
+            '["127.0.0.1:8686"]', '["127.0.0.1:99999", {address: "h:1", weight: 0, bogus: 1}]'
+        ))
+    assert exc.value.problems == [
+        "lanes.task.servers[0]: port out of range",
+        "lanes.task.servers[1].weight: Input should be greater than or equal to 1",
+        "lanes.task.servers[1].bogus: unknown key",
+    ]
+    with pytest.raises(ConfigError) as exc:
+        parse_config(MINIMAL.replace('["127.0.0.1:8686"]', '[{address: "h:1", backup: true}]'))
+    assert exc.value.problems == ["lanes.task: every server is backup or down: nothing would serve this lane"]
+
+
+@pytest.mark.parametrize(
+    ("lane_yaml", "problem"),
+    [
+        ("retry_on: [bogus]", "lanes.task.retry_on: unknown condition 'bogus'"),
+        ("balance: random", "lanes.task.balance: Input should be 'round_robin', 'least_conn' or 'p2c'"),
+        ("health: {path: x}", "lanes.task.health.path: a path starting with / without spaces"),
+        ("health: {interval: 0}", "lanes.task.health.interval: Input should be greater than 0"),
+        ("health: {rise: 1, bogus: 2}", "lanes.task.health.bogus: unknown key"),
+    ],
+)
+def test_resilience_keys_are_validated(lane_yaml, problem):
+    text = MINIMAL.replace('servers: ["127.0.0.1:8686"]', 'servers: ["127.0.0.1:8686"]\n    ' + lane_yaml)
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text)
+    assert exc.value.problems[0].startswith(problem), exc.value.problems
