@@ -97,6 +97,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.is_closed = False
         self.closing = False  # no more requests will be read; close after the active exchange
         self.lingering = False
+        self.peer_eof = False
         self.parse_dead = False
         self._starting = False
         self.in_head = False
@@ -187,7 +188,8 @@ class DownstreamProtocol(asyncio.Protocol):
             # FIN in the middle of a request is an abort (a3 rule 8).
             return None
         if self.active is not None:
-            # FIN after a complete request: deliver the response, then close.
+            # FIN after a complete request: deliver the responses, then close.
+            self.peer_eof = True
             self.closing = True
             self.parse_dead = True
             return True
@@ -245,7 +247,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 waiter.set_result(None)
 
     def may_keep_alive(self) -> bool:
-        return not (self.closing or self.ctx.closing)
+        """False for the last response: `closing` means no request after the queued ones."""
+        return not (self.ctx.closing or (self.closing and not self.queue))
 
     def abort(self) -> None:
         if not self.is_closed:
@@ -291,7 +294,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         self.read_deadline.cancel()
         self.idle_deadline.cancel()
-        if not lingering or not self.transport.can_write_eof():
+        if not lingering or self.peer_eof or not self.transport.can_write_eof():
             self.is_closed = True
             self.transport.close()
             return
@@ -302,7 +305,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.transport.resume_reading()
         except RuntimeError:
             pass
-        self.read_deadline = Deadline(self.loop, self.abort)
+        self.read_deadline = Deadline(self.loop, self._on_linger_timeout)
         self.read_deadline.set(self.loop.time() + LINGER_SECONDS)
 
     # -- Parser callbacks ----------------------------------------------------------------------
@@ -530,6 +533,12 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.in_head or self.current is not None:
             what = "request head" if self.in_head else "request body"
             self._request_error(ProxyError(f"timed out waiting for the {what}", 408))
+
+    def _on_linger_timeout(self) -> None:
+        if self.write_paused and not self.is_closed:  # still sending: send_timeout guards that
+            self.read_deadline.set(self.loop.time() + LINGER_SECONDS)
+        else:
+            self.abort()
 
     def _on_send_timeout(self) -> None:
         if self.write_paused:

@@ -338,7 +338,7 @@ class Exchange:
         connect_stage = up is None
         # The keep-alive race: a reused connection closed before any response byte. Not the
         # server's fault; a fresh connection to the same server is the cure.
-        race = not connect_stage and self.reused and up.status == 0 and err.condition == "error"  # type: ignore[union-attr]
+        race = not connect_stage and self.reused and not up.got_bytes and err.condition == "error"  # type: ignore[union-attr]
         self._drop_upstream()
         if server is not None and not race and err.condition in lane.retry_on:  # type: ignore[union-attr]
             lane.record_failure(server)  # type: ignore[union-attr]
@@ -410,6 +410,7 @@ class Exchange:
         up.exchange = None
         up.read_deadline.clear()
         up.gate.open(PEER_BUSY)  # an idle connection must keep reading to see EOF
+        self.down.gate.open(PEER_BUSY)  # no resume_writing will come from a released upstream
         server = up.server
         server.pool.release(up, reusable)
         up.is_idle = reusable and not up.is_closed

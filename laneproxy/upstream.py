@@ -45,6 +45,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.uses = 0
         self.is_closed = False
         self.is_idle = False
+        self.got_bytes = False  # any response byte for the current exchange (not the keep-alive race)
         self.expires_at = float("inf")  # from the upstream's `Keep-Alive: timeout=N`
         self._poll: select.poll | None = None
         self.write_paused = False
@@ -85,6 +86,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self._discard_idle()
             return
         self.last_read = self.loop.time()
+        self.got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -151,6 +153,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.exchange = exchange
         self.is_idle = False
         self.uses += 1
+        self.got_bytes = False
         self.read_timeout = read_timeout
         if self.parser_stale:
             self.parser = httptools.HttpResponseParser(self)
