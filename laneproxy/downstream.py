@@ -15,8 +15,8 @@ import httptools
 
 from laneproxy.config import ClientConfig
 from laneproxy.errors import BadRequest, BodyTooLarge, NoRoute, ProxyError
-from laneproxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
-from laneproxy.flow import DRAINING, HIGH_WATER, LOW_WATER, PEER_BUSY, PIPELINE, Deadline, ReadGate
+from laneproxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RESP_DONE, Exchange
+from laneproxy.flow import DRAINING, HIGH_WATER, LOW_WATER, PEER_BUSY, PIPELINE, UPGRADE, Deadline, ReadGate
 from laneproxy.http1 import (
     BODY_METHODS,
     CRLF,
@@ -36,6 +36,7 @@ from laneproxy.http1 import (
     split_tokens,
 )
 from laneproxy.router import Router
+from laneproxy.tunnel import Tunnel
 
 MAX_FIELD_LINE = 8 * 1024  # one header line (nginx large_client_header_buffers 8k)
 LINGER_SECONDS = 5.0  # after an error answer, read and drop for at most this long, then close
@@ -63,6 +64,7 @@ class Context:
         self.closing = False
         self.requests = 0
         self.rejected_connections = 0
+        self.tunnels = 0
 
     def is_trusted(self, ip: str) -> bool:
         if not self.trusted:
@@ -89,6 +91,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.local_host = b""
         self.fwd_fixed = b""
         self.active: Exchange | None = None
+        self.tunnel: Tunnel | None = None
+        self.upgrade_wait: Exchange | None = None  # an Upgrade request waiting for the 101
         self.queue: deque[Exchange] = deque()
         self.current: Exchange | None = None  # the exchange whose request is being parsed
         self.requests = 0
@@ -97,6 +101,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.is_closed = False
         self.closing = False  # no more requests will be read; close after the active exchange
         self.lingering = False
+        self.last_offer: Exchange | None = None
         self.peer_eof = False
         self.parse_dead = False
         self._starting = False
@@ -118,7 +123,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.conn_tokens: list[bytes] | None = None
         self.expect: bytes | None = None
         self.xff: list[bytes] | None = None
-        self.upgrade = False
+        self.upgrade: bytes | None = None
         self.header_count = 0
         self.header_bytes = 0
         self.deferred: ProxyError | None = None
@@ -149,6 +154,12 @@ class DownstreamProtocol(asyncio.Protocol):
         self.idle_deadline.set(self.loop.time() + ctx.header_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_downstream(data)
+            return
+        if self.upgrade_wait is not None:  # held until the upstream decides (and reading paused)
+            self.upgrade_wait.early.append(data)
+            return
         if self.lingering or self.parse_dead:
             return
         self.idle_deadline.clear()
@@ -161,8 +172,18 @@ class DownstreamProtocol(asyncio.Protocol):
             self._request_error(err)
             return
         except httptools.HttpParserUpgrade as exc:
-            # An Upgrade this lane does not tunnel (or HTTP/1.0): keep speaking HTTP, never raw.
             rest = data[exc.args[0]:]
+            offer = self.last_offer
+            self.last_offer = None
+            if offer is not None and offer.resp != RESP_DONE and not self.is_closed:
+                # Hold what follows the handshake until the upstream answers: a 101 makes it
+                # tunnel bytes, anything else means it is parsed as HTTP (no smuggling).
+                self.upgrade_wait = offer
+                if rest:
+                    offer.early.append(rest)
+                self.gate.close(UPGRADE)
+                return
+            # An Upgrade this lane does not tunnel (or HTTP/1.0): keep speaking HTTP, never raw.
             self.parser = httptools.HttpRequestParser(self)
             if rest:
                 self.data_received(rest)
@@ -184,6 +205,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self.read_deadline.set(self.loop.time() + ctx.body_timeout)
 
     def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            return self.tunnel.downstream_eof()
         if self.current is not None or self.in_head:
             # FIN in the middle of a request is an abort (a3 rule 8).
             return None
@@ -202,6 +225,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.read_deadline.cancel()
         self.send_deadline.cancel()
         self._wake_drain()
+        if self.tunnel is not None:
+            self.tunnel.connection_lost()
         active = self.active
         self.active = None
         if active is not None:
@@ -262,6 +287,12 @@ class DownstreamProtocol(asyncio.Protocol):
         self.active = None
         if self.is_closed:
             return
+        early = None
+        if self.upgrade_wait is ex:  # refused (426, 200 ...): what followed is HTTP again
+            self.upgrade_wait = None
+            early, ex.early = b"".join(ex.early), []
+            self.parser = httptools.HttpRequestParser(self)
+            self.gate.open(UPGRADE)
         if lingering or not ex.keep_alive:
             # Linger only when unread client bytes may be queued (they would turn close into RST).
             self.close(lingering=lingering or self.parse_dead or self.in_head or self.current is not None)
@@ -269,6 +300,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if self._starting:
             return  # the loop in _start_next goes on
         self._start_next()
+        if early and not self.is_closed:
+            self.data_received(early)
 
     def _start_next(self) -> None:
         self._starting = True
@@ -354,7 +387,7 @@ class DownstreamProtocol(asyncio.Protocol):
             if self.trusted:
                 self.xff = (self.xff or []) + [value]
         elif kind == H_UPGRADE:
-            self.upgrade = True
+            self.upgrade = value if self.upgrade is None else self.upgrade + b", " + value
         # H_DROP: hop-by-hop or laneproxy's own forwarding fields
 
     def on_headers_complete(self) -> None:
@@ -441,7 +474,7 @@ class DownstreamProtocol(asyncio.Protocol):
             if self.expect != b"100-continue":
                 raise ProxyError("unsupported expectation", 417)
             expect_continue = http11 and body_kind != BODY_NONE
-        if self.upgrade and p.should_upgrade() and body_kind != BODY_NONE:
+        if self.upgrade is not None and p.should_upgrade() and body_kind != BODY_NONE:
             raise BadRequest("Upgrade request with a body")
         route = self.ctx.router.match(path)
         if route is None:
@@ -470,6 +503,13 @@ class DownstreamProtocol(asyncio.Protocol):
             xff = b"X-Forwarded-For: %s, %s\r\n" % (b", ".join(self.xff), self.peer_ip)
         else:
             xff = b"X-Forwarded-For: %s\r\n" % self.peer_ip
+        offer = None
+        if self.upgrade is not None and http11 and self.conn_tokens and b"upgrade" in self.conn_tokens:
+            tokens = split_tokens(self.upgrade)
+            offer = frozenset(t.split(b"/")[0] for t in tokens) & lane.upgrade_tokens or None
+            if offer is not None:  # forward only the allowed protocols (never h2c)
+                allowed = b", ".join(t for t in tokens if t.split(b"/")[0] in offer)
+                headers = [*headers, b"Connection: upgrade\r\nUpgrade: %s\r\n" % allowed]
         if body_kind == BODY_LENGTH:
             framing = b"Content-Length: %d\r\n\r\n" % self.content_length
         elif body_kind == BODY_CHUNKED:
@@ -486,10 +526,13 @@ class DownstreamProtocol(asyncio.Protocol):
             b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (out_host, VIA),
             framing,
         ])
-        return Exchange(
+        ex = Exchange(
             self, route, method, head, body_kind, keep_alive,
-            expect_continue=expect_continue, idempotent=method in IDEMPOTENT,
+            expect_continue=expect_continue, idempotent=method in IDEMPOTENT, upgrade=offer,
         )
+        if offer is not None:
+            self.last_offer = ex
+        return ex
 
     def _request_fields(self) -> dict[bytes, bytes]:
         """The forwarded fields as {lower-name: value} (first of each), for local responders."""

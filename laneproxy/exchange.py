@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from laneproxy.errors import BodyTooLarge, ConnectFailed, ProxyError, UpstreamStatus, UpstreamTimeout
-from laneproxy.flow import CONNECTING, PEER_BUSY
+from laneproxy.flow import CONNECTING, PEER_BUSY, UPGRADE
 from laneproxy.http1 import CONTINUE_100, CRLF, STATUS_LINE, error_response, status_line
+from laneproxy.tunnel import Tunnel
 from laneproxy.upstream import LENGTH, NO_BODY, UpstreamProtocol
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class Exchange:
         "body_seen", "expect_continue", "keep_alive", "local", "pending", "up", "server",
         "reused", "req_done", "req_sent", "resp", "rechunk", "tries", "connect_task", "aborted",
         "counted", "status", "out", "head_written", "static", "tried", "started",
-        "server_busy",
+        "server_busy", "upgrade", "early", "tunnel",
     )
 
     def __init__(
@@ -76,6 +77,7 @@ class Exchange:
         local: ProxyError | None = None,
         idempotent: bool = False,
         static: tuple[Path, dict[bytes, bytes]] | None = None,
+        upgrade: frozenset[bytes] | None = None,
     ) -> None:
         self.down = down
         self.route = route
@@ -102,6 +104,9 @@ class Exchange:
         self.tried: tuple[Server, ...] = ()
         self.started = 0.0
         self.server_busy = False
+        self.upgrade = upgrade  # Upgrade tokens offered upstream (the lane allows them)
+        self.early: list[bytes] = []  # client bytes after an Upgrade request, held until the 101
+        self.tunnel: Tunnel | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.aborted = False
         self.counted = False
@@ -375,6 +380,39 @@ class Exchange:
         if not (self.idempotent and self.body_kind == BODY_NONE and self.req_done):
             return False  # RFC 9110 §9.2.2: never replay what is not safe to replay
         return race or err.condition in lane.retry_on
+
+    # -- tunnels (Upgrade) ----------------------------------------------------------------------
+
+    def start_tunnel(self, up: UpstreamProtocol, rest: bytes) -> None:
+        """The upstream switched protocols as asked: relay its 101, then bytes both ways."""
+        down = self.down
+        self.status = 101
+        head = [status_line(101, up.reason), *up.headers, b"Connection: upgrade\r\nUpgrade: ", up.upgrade, b"\r\n\r\n"]
+        self.out.append(b"".join(head))  # type: ignore[arg-type]
+        if rest:
+            self.out.append(rest)  # bytes the upstream sent right after its 101
+        self.flush()
+        self.resp = RESP_HEAD_SENT
+        up.read_deadline.cancel()
+        tunnel = Tunnel(self, down, up, self.lane.cfg.tunnel_idle_timeout)  # type: ignore[union-attr]
+        self.tunnel = up.tunnel = down.tunnel = tunnel
+        down.upgrade_wait = None
+        down.ctx.tunnels += 1
+        early, self.early = self.early, []
+        if early:  # bytes the client pipelined with its handshake, in order
+            up.transport.write(b"".join(early))
+        down.gate.open(UPGRADE)
+        if not self.lane.cfg.limit_streams and self.counted:  # type: ignore[union-attr]
+            self.counted = False
+            self.lane.in_flight -= 1  # type: ignore[union-attr]
+            self.lane.served += 1  # type: ignore[union-attr]
+
+    def tunnel_closed(self) -> None:
+        self.down.ctx.tunnels -= 1
+        self.tunnel = None
+        self.resp = RESP_DONE
+        self._drop_upstream()
+        self._finish()
 
     def upstream_write_paused(self) -> None:
         self.down.gate.close(PEER_BUSY)

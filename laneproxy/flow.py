@@ -30,6 +30,7 @@ PEER_BUSY = 1  # the other side's write buffer is above HIGH_WATER
 PIPELINE = 2  # a pipelined request waits until the one before it is answered
 CONNECTING = 4  # the exchange has no upstream connection yet
 DRAINING = 8  # closing: nothing more is read (lingering close reads on its own)
+UPGRADE = 16  # an Upgrade request waits for the upstream's 101 (or its refusal)
 
 
 class ReadGate:

@@ -49,7 +49,7 @@ REQUEST_SPECIAL: dict[bytes, int] = {
 }
 
 # Response fields handled by the upstream side rather than copied.
-R_CL, R_TE, R_CONNECTION, R_DROP, R_KEEPALIVE = range(5)
+R_CL, R_TE, R_CONNECTION, R_DROP, R_KEEPALIVE, R_UPGRADE = range(6)
 RESPONSE_SPECIAL: dict[bytes, int] = {
     b"content-length": R_CL,
     b"transfer-encoding": R_TE,
@@ -57,7 +57,7 @@ RESPONSE_SPECIAL: dict[bytes, int] = {
     b"keep-alive": R_KEEPALIVE,
     b"proxy-connection": R_DROP,
     b"trailer": R_DROP,
-    b"upgrade": R_DROP,
+    b"upgrade": R_UPGRADE,
 }
 
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))

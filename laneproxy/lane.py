@@ -76,6 +76,7 @@ class Lane:
         self.retries = cfg.retries
         self.retry_timeout = cfg.retry_timeout
         self.retry_on = frozenset(cfg.retry_on)
+        self.upgrade_tokens = frozenset(t.encode() for t in cfg.upgrade)
         # Counters, plain integers read at scrape time.
         self.in_flight = 0
         self.served = 0

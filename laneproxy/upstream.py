@@ -19,16 +19,17 @@ import httptools
 
 from laneproxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
 from laneproxy.flow import HIGH_WATER, LOW_WATER, Deadline, ReadGate
-from laneproxy.http1 import R_CL, R_CONNECTION, R_KEEPALIVE, R_TE, RESPONSE_SPECIAL, split_tokens
+from laneproxy.http1 import R_CL, R_CONNECTION, R_KEEPALIVE, R_TE, R_UPGRADE, RESPONSE_SPECIAL, split_tokens
 
 if TYPE_CHECKING:
     from laneproxy.exchange import Exchange
     from laneproxy.lane import Server
+    from laneproxy.tunnel import Tunnel
 
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 
 # Response framing modes.
-NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
+NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE, SWITCHED = range(5)
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -50,6 +51,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self._poll: select.poll | None = None
         self.write_paused = False
         self.exchange: Exchange | None = None
+        self.tunnel: Tunnel | None = None
         self.read_deadline = Deadline(loop, self._on_read_timeout)
         self.read_timeout = 0.0
         self.last_read = 0.0
@@ -63,6 +65,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.content_length: int | None = None
         self.te: list[bytes] | None = None
         self.conn_tokens: list[bytes] | None = None
+        self.upgrade: bytes | None = None
         self.keep_alive = False
         self.mode = -1  # framing mode once the head is parsed; -1 = no head yet
         self.done = False
@@ -81,6 +84,9 @@ class UpstreamProtocol(asyncio.Protocol):
             self._poll.register(sock.fileno(), select.POLLIN | POLLRDHUP)
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_upstream(data)
+            return
         ex = self.exchange
         if ex is None:  # idle: unsolicited bytes (RFC 9112 §9.2 / F14)
             self._discard_idle()
@@ -96,7 +102,10 @@ class UpstreamProtocol(asyncio.Protocol):
             self.broken = True
             ex.upstream_failed(err)
             return
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
+            if self.mode == SWITCHED and self.exchange is ex:
+                ex.start_tunnel(self, data[exc.args[0]:])
+                return
             self.broken = True
             ex.upstream_failed(UpstreamProtocolError("upstream switched protocols unasked"))
             return
@@ -114,11 +123,16 @@ class UpstreamProtocol(asyncio.Protocol):
                 ex.flush()
 
     def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            return self.tunnel.upstream_eof()
         return None  # close our side too; connection_lost does the accounting
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_closed = True
         self.read_deadline.cancel()
+        if self.tunnel is not None:
+            self.tunnel.connection_lost()
+            return
         ex = self.exchange
         if ex is None:
             if self.is_idle:
@@ -235,6 +249,8 @@ class UpstreamProtocol(asyncio.Protocol):
             self.conn_tokens = (self.conn_tokens or []) + split_tokens(value)
         elif kind == R_KEEPALIVE:
             self._keep_alive_hint(value)
+        elif kind == R_UPGRADE:
+            self.upgrade = value.strip(b" \t").lower()
 
     def on_headers_complete(self) -> None:
         if self.done:
@@ -244,7 +260,15 @@ class UpstreamProtocol(asyncio.Protocol):
         self.status = status
         if status < 200:
             if status == 101:
-                raise UpstreamProtocolError("upstream switched protocols unasked")
+                # Only to a protocol the client asked for and the lane allows (RFC 9110 §7.8).
+                offered = ex.upgrade  # type: ignore[union-attr]
+                if offered is None or self.upgrade is None:
+                    raise UpstreamProtocolError("upstream switched protocols unasked")
+                if self.upgrade.split(b"/")[0] not in offered:
+                    raise UpstreamProtocolError("upstream switched to a protocol that was not asked for")
+                self.mode = SWITCHED
+                self.read_deadline.cancel()
+                return
             self.informational = True
             ex.on_informational(status, self.reason, self.headers)  # type: ignore[union-attr]
             self.reason = b""

@@ -46,13 +46,15 @@ async def spawn_proxy(tmp_path: Path, cfg: dict) -> tuple[subprocess.Popen, int]
     raise AssertionError("proxy did not start")
 
 
-def stop_proxy(proc: subprocess.Popen) -> int:
+async def stop_proxy(proc: subprocess.Popen) -> int:
+    """SIGTERM, then wait without blocking the loop (the test's own upstreams live in it)."""
     proc.send_signal(signal.SIGTERM)
     try:
-        return proc.wait(10)
+        return await asyncio.wait_for(asyncio.to_thread(proc.wait), 15)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
 
 
 @pytest.mark.timeout(60)
@@ -87,7 +89,7 @@ async def test_slow_client_bounds_memory_of_100mib_response(tmp_path, upstream):
         assert growth < 16 * MiB, f"proxy RSS grew by {growth / MiB:.1f} MiB"
         writer.close()
     finally:
-        assert stop_proxy(proc) == 0
+        assert await stop_proxy(proc) == 0
 
 
 @pytest.mark.timeout(60)
@@ -128,4 +130,4 @@ async def test_slow_upstream_bounds_memory_of_100mib_upload(tmp_path, upstream):
         assert growth < 16 * MiB, f"proxy RSS grew by {growth / MiB:.1f} MiB"
         writer.close()
     finally:
-        assert stop_proxy(proc) == 0
+        assert await stop_proxy(proc) == 0
