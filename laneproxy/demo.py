@@ -272,7 +272,7 @@ def main() -> int:
     from laneproxy.server import run
 
     cfg = load_config(DEFAULT_CONFIG_PATH)
-    (fast_host, fast_port), (_, slow_port) = cfg.lanes["webman"].servers[0], cfg.lanes["task"].servers[0]
+    (fast_host, fast_port), (_, slow_port) = (cfg.lanes[n].servers[0].address for n in ("webman", "task"))
     signal.signal(signal.SIGTERM, _stop_signal)  # until run() takes over: SIGTERM reaches `finally`
     ups: Upstreams | None = None
     try:

@@ -210,6 +210,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.current is not None or self.in_head:
             # FIN in the middle of a request is an abort (a3 rule 8).
             return None
+        if self.active is not None and self.active.queued:
+            return None  # gave up while waiting in the lane queue (HAProxy abortonclose): never sent
         if self.active is not None:
             # FIN after a complete request: deliver the responses, then close.
             self.peer_eof = True

@@ -70,3 +70,17 @@ class UpstreamStatus(ProxyError):
     def __init__(self, status: int) -> None:
         super().__init__(f"upstream answered {status}", 502)
         self.condition = f"http_{status}"
+
+
+class LaneBusy(ProxyError):
+    """The lane is at its limit with a full queue, or the wait passed queue_timeout / CoDel shed it.
+
+    The client connection stays open; `retry_after` (whole seconds >= 1) goes out as Retry-After.
+    """
+
+    status = 503
+    side = "internal"
+
+    def __init__(self, lane: str, why: str, retry_after: int) -> None:
+        super().__init__(f"lane {lane} is busy ({why}); retry after {retry_after}s")
+        self.retry_after = retry_after

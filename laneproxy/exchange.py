@@ -32,9 +32,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from laneproxy.errors import BodyTooLarge, ConnectFailed, ProxyError, UpstreamStatus, UpstreamTimeout
+from laneproxy.errors import BodyTooLarge, ConnectFailed, LaneBusy, ProxyError, UpstreamStatus, UpstreamTimeout
 from laneproxy.flow import CONNECTING, PEER_BUSY, UPGRADE
 from laneproxy.http1 import CONTINUE_100, CRLF, STATUS_LINE, error_response, status_line
+from laneproxy.queue import FULL, QUEUED
 from laneproxy.tunnel import Tunnel
 from laneproxy.upstream import LENGTH, NO_BODY, UpstreamProtocol
 
@@ -61,7 +62,7 @@ class Exchange:
         "body_seen", "expect_continue", "keep_alive", "local", "pending", "up", "server",
         "reused", "req_done", "req_sent", "resp", "rechunk", "tries", "connect_task", "aborted",
         "counted", "status", "out", "head_written", "static", "tried", "started",
-        "server_busy", "upgrade", "early", "tunnel",
+        "server_busy", "upgrade", "early", "tunnel", "queued",
     )
 
     def __init__(
@@ -107,6 +108,7 @@ class Exchange:
         self.upgrade = upgrade  # Upgrade tokens offered upstream (the lane allows them)
         self.early: list[bytes] = []  # client bytes after an Upgrade request, held until the 101
         self.tunnel: Tunnel | None = None
+        self.queued = False
         self.connect_task: asyncio.Task[None] | None = None
         self.aborted = False
         self.counted = False
@@ -123,6 +125,33 @@ class Exchange:
         if self.static is not None:
             self.connect_task = self.down.loop.create_task(self._serve_static())
             return
+        lane = self.lane
+        if lane.limited:  # type: ignore[union-attr]
+            verdict = lane.admit(self, self.route.priority)  # type: ignore[union-attr]
+            if verdict == QUEUED:
+                self.queued = True
+                if self.body_kind != BODY_NONE:
+                    self.down.gate.close(CONNECTING)  # hold at most one read of body while waiting
+                return
+            if verdict == FULL:
+                self.answer(LaneBusy(lane.name, "queue full", lane.queue.retry_after()))  # type: ignore[union-attr]
+                return
+        self._go()
+
+    def admitted(self) -> None:
+        """A queued exchange got its slot."""
+        self.queued = False
+        self._go()
+
+    def shed(self, reason: str) -> None:
+        """The lane queue gave up on this waiter (queue_timeout or CoDel): 503, connection kept."""
+        self.queued = False
+        self.down.gate.open(CONNECTING)
+        lane = self.lane
+        why = "waited past queue_timeout" if reason == "timeout" else "overloaded, shed oldest waiters"
+        self.answer(LaneBusy(lane.name, why, lane.queue.retry_after()))  # type: ignore[union-attr]
+
+    def _go(self) -> None:
         lane = self.lane
         lane.in_flight += 1  # type: ignore[union-attr]
         self.counted = True
@@ -430,7 +459,8 @@ class Exchange:
         if not close and not down.may_keep_alive():
             close = True
         self.keep_alive = not close
-        down.write(error_response(err.status, err.reason, close=close, head_only=self.is_head))
+        extra = b"Retry-After: %d\r\n" % err.retry_after if isinstance(err, LaneBusy) else b""
+        down.write(error_response(err.status, err.reason, close=close, extra=extra, head_only=self.is_head))
         self.resp = RESP_DONE
         self.local = err
         if close:
@@ -470,19 +500,30 @@ class Exchange:
 
     def _finish(self, lingering: bool = False) -> None:
         if self.counted:
-            self.counted = False
-            lane = self.lane
-            lane.in_flight -= 1  # type: ignore[union-attr]
-            lane.served += 1  # type: ignore[union-attr]
+            self._uncount()
+            self.lane.served += 1  # type: ignore[union-attr]
         self.down.exchange_done(self, lingering)
+
+    def _uncount(self) -> None:
+        """Give back the lane slot; a queued waiter takes it at once."""
+        self.counted = False
+        lane = self.lane
+        lane.in_flight -= 1  # type: ignore[union-attr]
+        lane.upstream_time.observe(self.down.loop.time() - self.started)  # type: ignore[union-attr]
+        if lane.limited:  # type: ignore[union-attr]
+            waiter = lane.release_slot()  # type: ignore[union-attr]
+            if waiter is not None:
+                waiter.admitted()  # type: ignore[attr-defined]
 
     def abort(self) -> None:
         """The client went away: close the upstream at once so it can stop work."""
         self.aborted = True
+        if self.queued:  # the upstream never sees a request whose client left the queue
+            self.queued = False
+            self.lane.leave_queue(self)  # type: ignore[union-attr]
         self._drop_upstream()
         if self.counted:
-            self.counted = False
-            self.lane.in_flight -= 1  # type: ignore[union-attr]
+            self._uncount()
 
     def __repr__(self) -> str:
         lane = self.lane.name if self.lane else "-"

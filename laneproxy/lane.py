@@ -14,6 +14,7 @@ import random
 
 from laneproxy.config import LaneConfig, ServerConfig
 from laneproxy.pool import Pool
+from laneproxy.queue import QUEUED, Histogram, LaneQueue
 
 log = logging.getLogger("laneproxy.lane")
 
@@ -77,10 +78,54 @@ class Lane:
         self.retry_timeout = cfg.retry_timeout
         self.retry_on = frozenset(cfg.retry_on)
         self.upgrade_tokens = frozenset(t.encode() for t in cfg.upgrade)
+        # Admission (issue 6): only lanes with a limit pay for the queue.
+        self.limited = cfg.limit > 0
+        self.queue = LaneQueue(
+            cfg.limit, cfg.queue, cfg.queue_timeout, target=cfg.queue_target, interval=cfg.queue_interval,
+            clock=loop.time,
+        )
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = 0.0
         # Counters, plain integers read at scrape time.
         self.in_flight = 0
         self.served = 0
         self.failed = 0
+        self.upstream_time = Histogram()  # seconds from admission to the end of the response
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def admit(self, waiter: object, priority: int) -> int:
+        verdict = self.queue.admit(waiter, priority)
+        if verdict == QUEUED:
+            self._arm_expiry()
+        return verdict
+
+    def release_slot(self) -> object | None:
+        """An admitted exchange ended: the waiter that takes its slot now, if any."""
+        waiter = self.queue.release()
+        if len(self.queue):
+            self._arm_expiry()
+        return waiter
+
+    def leave_queue(self, waiter: object) -> None:
+        self.queue.remove(waiter)
+
+    def _arm_expiry(self) -> None:
+        when = self.queue.next_deadline()
+        if when is None:
+            return
+        if self._expiry is None or self._expiry_at > when:
+            if self._expiry is not None:
+                self._expiry.cancel()
+            self._expiry_at = when
+            self._expiry = self.loop.call_at(when, self._on_expiry)
+
+    def _on_expiry(self) -> None:
+        self._expiry = None
+        for waiter, reason in self.queue.expire():
+            waiter.shed(reason)  # type: ignore[attr-defined]
+        if len(self.queue):
+            self._arm_expiry()
 
     # -- choosing a server ------------------------------------------------------------------------
 
@@ -146,6 +191,9 @@ class Lane:
             server.fails = 0
 
     def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for server in self.servers:
             server.pool.close()
 
@@ -153,6 +201,7 @@ class Lane:
         now = self.loop.time()
         return {
             "in_flight": self.in_flight, "served": self.served, "failed": self.failed,
+            "limit": self.cfg.limit, "queue": self.queue.stats(),
             "servers": {
                 s.name: {
                     **s.pool.stats(), "in_flight": s.in_flight, "requests": s.requests,

@@ -1,0 +1,229 @@
+"""HTTP semantics for static files as pure functions: validators, conditionals, ranges, codings.
+
+Nothing here touches the disk or the network, so every rule is unit-tested on its own
+(RFC 9110 §8.8 validators, §13 conditional requests, §14 ranges, §12.5.3 Accept-Encoding).
+"""
+
+from __future__ import annotations
+
+import calendar
+import mimetypes
+import time
+from collections.abc import Mapping
+from email.utils import formatdate, parsedate_tz
+from functools import lru_cache
+
+# Common web types, independent of the host's /etc/mime.types; mimetypes fills in the rest.
+_UTF8 = "; charset=utf-8"
+TYPES: dict[str, str] = {
+    ".html": "text/html" + _UTF8, ".htm": "text/html" + _UTF8, ".css": "text/css" + _UTF8,
+    ".js": "text/javascript" + _UTF8, ".mjs": "text/javascript" + _UTF8, ".cjs": "text/javascript" + _UTF8,
+    ".json": "application/json", ".map": "application/json", ".webmanifest": "application/manifest+json",
+    ".txt": "text/plain" + _UTF8, ".md": "text/markdown" + _UTF8, ".csv": "text/csv" + _UTF8,
+    ".xml": "application/xml", ".svg": "image/svg+xml", ".ico": "image/x-icon",
+    ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+    ".webp": "image/webp", ".avif": "image/avif", ".wasm": "application/wasm",
+    ".woff": "font/woff", ".woff2": "font/woff2", ".ttf": "font/ttf", ".otf": "font/otf",
+    ".pdf": "application/pdf", ".zip": "application/zip", ".gz": "application/gzip",
+    ".mp4": "video/mp4", ".webm": "video/webm", ".mp3": "audio/mpeg", ".ogg": "audio/ogg",
+}
+DEFAULT_TYPE = b"application/octet-stream"
+
+# Precompressed siblings (gzip_static), in order of preference at equal q.
+CODINGS: tuple[tuple[bytes, bytes], ...] = ((b"br", b".br"), (b"gzip", b".gz"))
+
+NOT_MODIFIED, PRECONDITION_FAILED, UNSATISFIABLE = 304, 412, 416
+
+
+def content_type(name: str) -> bytes:
+    dot = name.rfind(".")
+    return _type_for(name[dot:].lower() if dot > 0 else "")
+
+
+@lru_cache(maxsize=256)
+def _type_for(ext: str) -> bytes:
+    known = TYPES.get(ext)
+    if known is not None:
+        return known.encode()
+    guessed, encoding = mimetypes.guess_type("f" + ext, strict=False) if ext else (None, None)
+    if guessed is None or encoding is not None:
+        return DEFAULT_TYPE
+    if guessed.startswith("text/"):
+        guessed += _UTF8
+    return guessed.encode()
+
+
+def make_etag(size: int, mtime_ns: int) -> bytes:
+    return b'W/"%x-%x"' % (size, mtime_ns)
+
+
+@lru_cache(maxsize=1024)
+def http_date(ts: int) -> bytes:
+    return formatdate(ts, usegmt=True).encode()
+
+
+def parse_http_date(value: bytes | None) -> int | None:
+    """IMF-fixdate, RFC 850 and asctime dates → Unix seconds; None when unparseable."""
+    if not value:
+        return None
+    try:
+        parts = parsedate_tz(value.decode("latin-1"))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parts is None:
+        return None
+    try:
+        return calendar.timegm(parts[:6] + (0, 1, 0)) - (parts[9] or 0)
+    except (OverflowError, ValueError):
+        return None
+
+
+class DateCache:
+    """The `Date` value, formatted once per second."""
+
+    __slots__ = ("second", "value")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = b""
+
+    def now(self) -> tuple[float, bytes]:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.value = formatdate(second, usegmt=True).encode()
+        return now, self.value
+
+
+def _tags(value: bytes) -> list[bytes]:
+    return [t for t in (p.strip() for p in value.split(b",")) if t]
+
+
+def _opaque(tag: bytes) -> bytes:
+    return tag[2:] if tag[:2] == b"W/" else tag
+
+
+def match_weak(header: bytes, etag: bytes) -> bool:
+    """If-None-Match: `*`, or any listed tag equal to ours ignoring W/ (weak comparison)."""
+    if header.strip() == b"*":
+        return True
+    ours = _opaque(etag)
+    return any(_opaque(t) == ours for t in _tags(header))
+
+
+def match_strong(header: bytes, etag: bytes) -> bool:
+    """If-Match: `*`, or a listed strong tag equal to ours (a weak tag never matches)."""
+    if header.strip() == b"*":
+        return True
+    if etag[:2] == b"W/":
+        return False
+    return any(t == etag for t in _tags(header))
+
+
+def _num(digits: bytes) -> int | None:
+    if not digits or not digits.isdigit():
+        return None
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
+def parse_range(value: bytes, size: int) -> tuple[int, int] | int | None:
+    """A `Range` value → (first, last) inclusive, UNSATISFIABLE, or None to send the whole file.
+
+    Only one range is served; several ranges, other units and bad syntax get the whole file
+    (RFC 9110 §14.2 lets a server ignore Range).
+    """
+    unit, eq, spec = value.partition(b"=")
+    if not eq or unit.strip().lower() != b"bytes":
+        return None
+    specs = [s for s in (p.strip() for p in spec.split(b",")) if s]
+    if len(specs) != 1:
+        return None
+    first, dash, last = specs[0].partition(b"-")
+    if not dash:
+        return None
+    first, last = first.strip(), last.strip()
+    if not first:  # suffix: the last n bytes
+        n = _num(last)
+        if n is None:
+            return None
+        if n == 0 or size == 0:
+            return UNSATISFIABLE
+        return (max(0, size - n), size - 1)
+    start = _num(first)
+    if start is None:
+        return None
+    end = size - 1
+    if last:
+        end_given = _num(last)
+        if end_given is None or end_given < start:
+            return None
+        end = min(end_given, size - 1)
+    if start >= size:
+        return UNSATISFIABLE
+    return (start, end)
+
+
+def if_range_ok(value: bytes, etag: bytes, mtime: int) -> bool:
+    """If-Range: the validator equals ours exactly (tag as sent, like nginx; or the same date)."""
+    value = value.strip()
+    if value[-1:] == b'"':
+        return value == etag
+    return parse_http_date(value) == mtime
+
+
+def evaluate(method: bytes, fields: Mapping[bytes, bytes], size: int, mtime: int, etag: bytes
+             ) -> tuple[int, tuple[int, int] | None]:
+    """RFC 9110 §13.2.2 order → (status, byte range or None). mtime: whole Unix seconds."""
+    if_match = fields.get(b"if-match")
+    if if_match is not None:
+        if not match_strong(if_match, etag):
+            return PRECONDITION_FAILED, None
+    else:
+        ius = parse_http_date(fields.get(b"if-unmodified-since"))
+        if ius is not None and mtime > ius:
+            return PRECONDITION_FAILED, None
+    inm = fields.get(b"if-none-match")
+    if inm is not None:
+        if match_weak(inm, etag):
+            return NOT_MODIFIED, None
+    else:
+        ims = parse_http_date(fields.get(b"if-modified-since"))
+        if ims is not None and mtime <= ims:
+            return NOT_MODIFIED, None
+    rng = fields.get(b"range")
+    if rng is None or method != b"GET":  # RFC 9110 §14.2: range handling is defined for GET
+        return 200, None
+    if_range = fields.get(b"if-range")
+    if if_range is not None and not if_range_ok(if_range, etag, mtime):
+        return 200, None
+    parsed = parse_range(rng, size)
+    if parsed is None:
+        return 200, None
+    if parsed == UNSATISFIABLE:
+        return UNSATISFIABLE, None
+    return 206, parsed  # type: ignore[return-value]
+
+
+def accepted_codings(value: bytes | None) -> list[tuple[bytes, bytes]]:
+    """The precompressed codings Accept-Encoding allows (q > 0), best first; br before gzip on ties."""
+    if not value:
+        return []
+    q: dict[bytes, float] = {}
+    for item in value.split(b","):
+        name, _, params = item.partition(b";")
+        name = name.strip().lower()
+        if not name:
+            continue
+        weight = 1.0
+        for param in params.split(b";"):
+            key, _, val = param.partition(b"=")
+            if key.strip().lower() == b"q":
+                try:
+                    weight = float(val.strip())
+                except ValueError:
+                    weight = 0.0
+        q[b"gzip" if name == b"x-gzip" else name] = weight
+    star = q.get(b"*", 0.0)
+    ranked = [(q.get(coding, star), -i, coding, suffix) for i, (coding, suffix) in enumerate(CODINGS)]
+    return [(coding, suffix) for weight, _, coding, suffix in sorted(ranked, reverse=True) if weight > 0]
