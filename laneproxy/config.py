@@ -125,6 +125,7 @@ class _Model(BaseModel):
 
 class AdminConfig(_Model):
     listen: ListenAddr = ("127.0.0.1", 9901)
+    token: str | None = None  # when set, non-GET endpoints need `Authorization: Bearer <token>`
 
 
 class ClientConfig(_Model):

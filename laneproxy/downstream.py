@@ -65,6 +65,8 @@ class Context:
         self.requests = 0
         self.rejected_connections = 0
         self.tunnels = 0
+        # laneproxy's own answers outside any route (400, 404, 408 ...), by status.
+        self.local_responses: dict[int, int] = {}
 
     def is_trusted(self, ip: str) -> bool:
         if not self.trusted:

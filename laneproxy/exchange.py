@@ -499,6 +499,12 @@ class Exchange:
         self._server_done()
 
     def _finish(self, lingering: bool = False) -> None:
+        route = self.route
+        if route is not None:
+            route.responses[self.status // 100 if self.status < 600 else 5] += 1
+        else:
+            local = self.down.ctx.local_responses
+            local[self.status] = local.get(self.status, 0) + 1
         if self.counted:
             self._uncount()
             self.lane.served += 1  # type: ignore[union-attr]

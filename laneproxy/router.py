@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,6 +17,8 @@ class Route:
     strip_prefix: bool = False
     static: StaticFiles | None = None  # try_files: files under root are served before the lane
     priority: int = 1  # queue class in the lane: 0 high, 1 normal, 2 low
+    # Responses by status class (index status // 100), plain integers read at scrape time.
+    responses: list[int] = field(default_factory=lambda: [0] * 6)
 
     def upstream_path(self, path: bytes) -> bytes:
         """The path the upstream sees: unchanged, or with the prefix replaced by '/'."""

@@ -98,7 +98,7 @@ class StaticFiles:
     def __init__(
         self, root: Path, *, index: str | None = None, follow_symlinks: bool = False,
         serve_hidden: bool = False, expires: float | None = None, gzip_static: bool = False,
-        cache_ttl: float = CACHE_TTL,
+        cache_ttl: float | None = None,
     ) -> None:
         self.root = root
         self.index = index
@@ -106,7 +106,7 @@ class StaticFiles:
         self.serve_hidden = serve_hidden
         self.expires = expires
         self.gzip_static = gzip_static
-        self.cache_ttl = cache_ttl
+        self.cache_ttl = CACHE_TTL if cache_ttl is None else cache_ttl
         real = os.path.realpath(os.fsencode(root))
         self._root = real.rstrip(b"/")  # b"" for "/"
         self._inside = self._root + b"/"
