@@ -539,11 +539,12 @@ class DownstreamProtocol(asyncio.Protocol):
         return ex
 
     def _request_fields(self) -> dict[bytes, bytes]:
-        """The forwarded fields as {lower-name: value} (first of each), for local responders."""
+        """The forwarded fields as {lower-name: value} (repeated lines joined), for local responders."""
         fields: dict[bytes, bytes] = {}
         for line in self.headers:
             name, _, value = line[:-2].partition(b": ")
-            fields.setdefault(name.lower(), value)
+            name = name.lower()
+            fields[name] = fields[name] + b", " + value if name in fields else value  # RFC 9110 §5.3
         if self.host is not None:
             fields[b"host"] = self.host
         return fields
