@@ -14,12 +14,10 @@ from collections import deque
 import httptools
 
 from laneproxy.config import ClientConfig
-from laneproxy.errors import BadRequest, BodyTooLarge, NoRoute, ProxyError
-from laneproxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RESP_DONE, Exchange
+from laneproxy.errors import BadRequest, ProxyError
+from laneproxy.exchange import BODY_NONE, RESP_DONE, Exchange
 from laneproxy.flow import DRAINING, HIGH_WATER, LOW_WATER, PEER_BUSY, PIPELINE, UPGRADE, Deadline, ReadGate
 from laneproxy.http1 import (
-    BODY_METHODS,
-    CRLF,
     H_CL,
     H_CONNECTION,
     H_EXPECT,
@@ -27,14 +25,11 @@ from laneproxy.http1 import (
     H_TE,
     H_UPGRADE,
     H_XFF,
-    IDEMPOTENT,
     REQUEST_SPECIAL,
-    VIA,
-    check_host,
     error_response,
-    split_target,
     split_tokens,
 )
+from laneproxy.request import build_exchange
 from laneproxy.router import Router
 from laneproxy.tunnel import Tunnel
 
@@ -397,7 +392,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.read_deadline.clear()
-        ex = self._build_exchange()
+        ex = build_exchange(self)
         self.current = ex
         if self.active is None and not self.queue:
             self.active = ex
@@ -425,129 +420,6 @@ class DownstreamProtocol(asyncio.Protocol):
             self.closing = True
             self.parse_dead = True
             self.gate.close(DRAINING)
-
-    # -- building the upstream request -----------------------------------------------------------
-
-    def _build_exchange(self) -> Exchange:
-        p = self.parser
-        version = p.get_http_version()
-        if version == "1.1":
-            http11 = True
-        elif version == "1.0":
-            http11 = False
-        elif version.startswith("2") or version.startswith("3"):
-            raise ProxyError(f"HTTP/{version} is not supported on this listener", 505)
-        else:
-            raise BadRequest(f"HTTP/{version} request")
-        self.http11 = http11
-        method = p.get_method()
-        keep_alive = p.should_keep_alive() and http11 and self.requests < self.ctx.keepalive_requests
-        if method == b"CONNECT" or method == b"TRACE":
-            raise ProxyError(f"{method.decode()} is not allowed", 405)
-        if self.deferred is not None:
-            raise self.deferred
-        url = self.url
-        if url == b"*":
-            if method != b"OPTIONS":
-                raise BadRequest("'*' is only for OPTIONS")
-            path, query, authority = b"/", b"", None
-        else:
-            path, query, authority = split_target(url)
-        host = self.host
-        if authority is not None:
-            out_host = authority  # RFC 9112 §3.2.2: the target's authority replaces Host
-        elif host is None:
-            if http11:
-                raise BadRequest("missing Host")
-            out_host = self.local_host
-        else:
-            out_host = check_host(host)
-        te = self.te
-        if te is not None:
-            if not http11:
-                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-            if te != [b"chunked"]:
-                raise ProxyError("only the chunked transfer coding is implemented", 501)
-            body_kind = BODY_CHUNKED
-        elif self.content_length:
-            body_kind = BODY_LENGTH
-        else:
-            body_kind = BODY_NONE
-        expect_continue = False
-        if self.expect is not None:
-            if self.expect != b"100-continue":
-                raise ProxyError("unsupported expectation", 417)
-            expect_continue = http11 and body_kind != BODY_NONE
-        if self.upgrade is not None and p.should_upgrade() and body_kind != BODY_NONE:
-            raise BadRequest("Upgrade request with a body")
-        route = self.ctx.router.match(path)
-        if route is None:
-            return Exchange(
-                self, None, method, b"", body_kind, keep_alive,
-                local=NoRoute(f"no route for {path.decode('latin-1')[:200]}"),
-            )
-        static = route.static
-        if static is not None and (method == b"GET" or method == b"HEAD"):
-            file = static.find(path)
-            if file is not None:
-                return Exchange(
-                    self, route, method, b"", body_kind, keep_alive, static=(file, self._request_fields()),
-                )
-        lane = route.lane
-        if lane.max_body and body_kind == BODY_LENGTH and self.content_length > lane.max_body:  # type: ignore[operator]
-            raise BodyTooLarge(f"request body over the lane's max_body ({lane.max_body} bytes)")
-        headers = self.headers
-        if self.conn_tokens is not None:
-            named = set(self.conn_tokens) - _KEEP_TOKENS
-            if named:  # remove what Connection names before adding laneproxy's own fields
-                headers = [h for h in headers if h.split(b":", 1)[0].lower() not in named]
-                if b"x-forwarded-for" in named:
-                    self.xff = None
-        if self.xff is not None:
-            xff = b"X-Forwarded-For: %s, %s\r\n" % (b", ".join(self.xff), self.peer_ip)
-        else:
-            xff = b"X-Forwarded-For: %s\r\n" % self.peer_ip
-        offer = None
-        if self.upgrade is not None and http11 and self.conn_tokens and b"upgrade" in self.conn_tokens:
-            tokens = split_tokens(self.upgrade)
-            offer = frozenset(t.split(b"/")[0] for t in tokens) & lane.upgrade_tokens or None
-            if offer is not None:  # forward only the allowed protocols (never h2c)
-                allowed = b", ".join(t for t in tokens if t.split(b"/")[0] in offer)
-                headers = [*headers, b"Connection: upgrade\r\nUpgrade: %s\r\n" % allowed]
-        if body_kind == BODY_LENGTH:
-            framing = b"Content-Length: %d\r\n\r\n" % self.content_length
-        elif body_kind == BODY_CHUNKED:
-            framing = b"Transfer-Encoding: chunked\r\n\r\n"
-        elif method in BODY_METHODS:
-            framing = b"Content-Length: 0\r\n\r\n"
-        else:
-            framing = CRLF
-        target = b"*" if url == b"*" else route.upstream_path(path) + query
-        head = b"".join([
-            method, b" ", target, b" HTTP/1.1\r\nHost: ", out_host, CRLF,
-            *headers,
-            self.fwd_fixed, xff,
-            b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (out_host, VIA),
-            framing,
-        ])
-        ex = Exchange(
-            self, route, method, head, body_kind, keep_alive,
-            expect_continue=expect_continue, idempotent=method in IDEMPOTENT, upgrade=offer,
-        )
-        if offer is not None:
-            self.last_offer = ex
-        return ex
-
-    def _request_fields(self) -> dict[bytes, bytes]:
-        """The forwarded fields as {lower-name: value} (repeated lines joined), for local responders."""
-        fields: dict[bytes, bytes] = {}
-        for line in self.headers:
-            name, _, value = line[:-2].partition(b": ")
-            name = name.lower()
-            fields[name] = fields[name] + b", " + value if name in fields else value  # RFC 9110 §5.3
-        if self.host is not None:
-            fields[b"host"] = self.host
-        return fields
 
     def _request_error(self, err: ProxyError) -> None:
         """The parser stopped on a bad request: answer it in turn, then close."""

@@ -1,0 +1,143 @@
+"""Request building: a parsed request head becomes an Exchange with laneproxy's own upstream head.
+
+Every request is validated on its own (version, method, target, Host, framing, Expect, Upgrade),
+routed by its path, and re-serialised: the request line, Host, the forwarded fields minus the
+hop-by-hop ones, X-Real-IP / X-Forwarded-* / Via, then exactly one framing header.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from laneproxy.errors import BadRequest, BodyTooLarge, NoRoute, ProxyError
+from laneproxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
+from laneproxy.http1 import BODY_METHODS, CRLF, IDEMPOTENT, VIA, check_host, split_target, split_tokens
+
+if TYPE_CHECKING:
+    from laneproxy.downstream import DownstreamProtocol
+
+_KEEP_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade"))
+
+
+
+def build_exchange(down: DownstreamProtocol) -> Exchange:
+    """The parsed request (head complete) → an Exchange carrying laneproxy's own upstream head."""
+    p = down.parser
+    version = p.get_http_version()
+    if version == "1.1":
+        http11 = True
+    elif version == "1.0":
+        http11 = False
+    elif version.startswith("2") or version.startswith("3"):
+        raise ProxyError(f"HTTP/{version} is not supported on this listener", 505)
+    else:
+        raise BadRequest(f"HTTP/{version} request")
+    down.http11 = http11
+    method = p.get_method()
+    keep_alive = p.should_keep_alive() and http11 and down.requests < down.ctx.keepalive_requests
+    if method == b"CONNECT" or method == b"TRACE":
+        raise ProxyError(f"{method.decode()} is not allowed", 405)
+    if down.deferred is not None:
+        raise down.deferred
+    url = down.url
+    if url == b"*":
+        if method != b"OPTIONS":
+            raise BadRequest("'*' is only for OPTIONS")
+        path, query, authority = b"/", b"", None
+    else:
+        path, query, authority = split_target(url)
+    host = down.host
+    if authority is not None:
+        out_host = authority  # RFC 9112 §3.2.2: the target's authority replaces Host
+    elif host is None:
+        if http11:
+            raise BadRequest("missing Host")
+        out_host = down.local_host
+    else:
+        out_host = check_host(host)
+    te = down.te
+    if te is not None:
+        if not http11:
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        if te != [b"chunked"]:
+            raise ProxyError("only the chunked transfer coding is implemented", 501)
+        body_kind = BODY_CHUNKED
+    elif down.content_length:
+        body_kind = BODY_LENGTH
+    else:
+        body_kind = BODY_NONE
+    expect_continue = False
+    if down.expect is not None:
+        if down.expect != b"100-continue":
+            raise ProxyError("unsupported expectation", 417)
+        expect_continue = http11 and body_kind != BODY_NONE
+    if down.upgrade is not None and p.should_upgrade() and body_kind != BODY_NONE:
+        raise BadRequest("Upgrade request with a body")
+    route = down.ctx.router.match(path)
+    if route is None:
+        return Exchange(
+            down, None, method, b"", body_kind, keep_alive,
+            local=NoRoute(f"no route for {path.decode('latin-1')[:200]}"),
+        )
+    static = route.static
+    if static is not None and (method == b"GET" or method == b"HEAD"):
+        file = static.find(path)
+        if file is not None:
+            return Exchange(
+                down, route, method, b"", body_kind, keep_alive, static=(file, request_fields(down)),
+            )
+    lane = route.lane
+    if lane.max_body and body_kind == BODY_LENGTH and down.content_length > lane.max_body:  # type: ignore[operator]
+        raise BodyTooLarge(f"request body over the lane's max_body ({lane.max_body} bytes)")
+    headers = down.headers
+    if down.conn_tokens is not None:
+        named = set(down.conn_tokens) - _KEEP_TOKENS
+        if named:  # remove what Connection names before adding laneproxy's own fields
+            headers = [h for h in headers if h.split(b":", 1)[0].lower() not in named]
+            if b"x-forwarded-for" in named:
+                down.xff = None
+    if down.xff is not None:
+        xff = b"X-Forwarded-For: %s, %s\r\n" % (b", ".join(down.xff), down.peer_ip)
+    else:
+        xff = b"X-Forwarded-For: %s\r\n" % down.peer_ip
+    offer = None
+    if down.upgrade is not None and http11 and down.conn_tokens and b"upgrade" in down.conn_tokens:
+        tokens = split_tokens(down.upgrade)
+        offer = frozenset(t.split(b"/")[0] for t in tokens) & lane.upgrade_tokens or None
+        if offer is not None:  # forward only the allowed protocols (never h2c)
+            allowed = b", ".join(t for t in tokens if t.split(b"/")[0] in offer)
+            headers = [*headers, b"Connection: upgrade\r\nUpgrade: %s\r\n" % allowed]
+    if body_kind == BODY_LENGTH:
+        framing = b"Content-Length: %d\r\n\r\n" % down.content_length
+    elif body_kind == BODY_CHUNKED:
+        framing = b"Transfer-Encoding: chunked\r\n\r\n"
+    elif method in BODY_METHODS:
+        framing = b"Content-Length: 0\r\n\r\n"
+    else:
+        framing = CRLF
+    target = b"*" if url == b"*" else route.upstream_path(path) + query
+    head = b"".join([
+        method, b" ", target, b" HTTP/1.1\r\nHost: ", out_host, CRLF,
+        *headers,
+        down.fwd_fixed, xff,
+        b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (out_host, VIA),
+        framing,
+    ])
+    ex = Exchange(
+        down, route, method, head, body_kind, keep_alive,
+        expect_continue=expect_continue, idempotent=method in IDEMPOTENT, upgrade=offer,
+    )
+    if offer is not None:
+        down.last_offer = ex
+    return ex
+
+def request_fields(down: DownstreamProtocol) -> dict[bytes, bytes]:
+    """The forwarded fields as {lower-name: value} (repeated lines joined), for local responders."""
+    fields: dict[bytes, bytes] = {}
+    for line in down.headers:
+        name, _, value = line[:-2].partition(b": ")
+        name = name.lower()
+        fields[name] = fields[name] + b", " + value if name in fields else value  # RFC 9110 §5.3
+    if down.host is not None:
+        fields[b"host"] = down.host
+    return fields
