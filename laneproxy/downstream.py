@@ -13,6 +13,7 @@ from collections import deque
 
 import httptools
 
+from laneproxy.accesslog import AccessLog
 from laneproxy.config import ClientConfig
 from laneproxy.errors import BadRequest, ProxyError
 from laneproxy.exchange import BODY_NONE, RESP_DONE, Exchange
@@ -60,6 +61,7 @@ class Context:
         self.requests = 0
         self.rejected_connections = 0
         self.tunnels = 0
+        self.access_log: AccessLog | None = None
         # laneproxy's own answers outside any route (400, 404, 408 ...), by status.
         self.local_responses: dict[int, int] = {}
 

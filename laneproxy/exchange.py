@@ -63,6 +63,7 @@ class Exchange:
         "reused", "req_done", "req_sent", "resp", "rechunk", "tries", "connect_task", "aborted",
         "counted", "status", "out", "head_written", "static", "tried", "started",
         "server_busy", "upgrade", "early", "tunnel", "queued",
+        "t0", "t_conn", "t_head", "bytes_out", "target", "fields", "logged",
     )
 
     def __init__(
@@ -109,6 +110,14 @@ class Exchange:
         self.early: list[bytes] = []  # client bytes after an Upgrade request, held until the 101
         self.tunnel: Tunnel | None = None
         self.queued = False
+        # For the access log: times (loop clock), bytes sent, the request as received.
+        self.t0 = down.loop.time()
+        self.t_conn = 0.0
+        self.t_head = 0.0
+        self.bytes_out = 0
+        self.target = b""
+        self.fields: list[bytes] = []
+        self.logged = False
         self.connect_task: asyncio.Task[None] | None = None
         self.aborted = False
         self.counted = False
@@ -232,6 +241,7 @@ class Exchange:
             self._finish()
 
     def _attach(self, conn: UpstreamProtocol, reused: bool) -> None:
+        self.t_conn = self.down.loop.time()
         self.up = conn
         self.reused = reused
         conn.start(self, self.lane.read_timeout)  # type: ignore[union-attr]
@@ -330,6 +340,7 @@ class Exchange:
         parts.append(CRLF)
         self.out.append(b"".join(parts))
         self.resp = RESP_HEAD_SENT
+        self.t_head = down.loop.time()
 
     def on_response_body(self, body: bytes) -> None:
         if self.rechunk:
@@ -342,7 +353,9 @@ class Exchange:
         out = self.out
         if out:
             self.head_written = True
-            self.down.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.bytes_out += len(data)
+            self.down.write(data)
             out.clear()
 
     def on_response_complete(self) -> None:
@@ -460,7 +473,9 @@ class Exchange:
             close = True
         self.keep_alive = not close
         extra = b"Retry-After: %d\r\n" % err.retry_after if isinstance(err, LaneBusy) else b""
-        down.write(error_response(err.status, err.reason, close=close, extra=extra, head_only=self.is_head))
+        data = error_response(err.status, err.reason, close=close, extra=extra, head_only=self.is_head)
+        self.bytes_out += len(data)
+        down.write(data)
         self.resp = RESP_DONE
         self.local = err
         if close:
@@ -498,7 +513,26 @@ class Exchange:
             self.connect_task = None
         self._server_done()
 
+    def _log(self) -> None:
+        access_log = self.down.ctx.access_log
+        if access_log is not None and not self.logged:
+            self.logged = True
+            access_log.log(self, self.down.loop.time())
+
+    def fields_of(self, *names: bytes) -> list[str | None]:
+        """Values of request fields by lower-case name (first of each), for the access log."""
+        found: list[str | None] = [None] * len(names)
+        for line in self.fields:
+            name, _, value = line[:-2].partition(b": ")
+            name = name.lower()
+            if name in names:
+                i = names.index(name)
+                if found[i] is None:
+                    found[i] = value.decode("latin-1")
+        return found
+
     def _finish(self, lingering: bool = False) -> None:
+        self._log()
         route = self.route
         if route is not None:
             route.responses[self.status // 100 if self.status < 600 else 5] += 1
@@ -524,6 +558,7 @@ class Exchange:
     def abort(self) -> None:
         """The client went away: close the upstream at once so it can stop work."""
         self.aborted = True
+        self._log()
         if self.queued:  # the upstream never sees a request whose client left the queue
             self.queued = False
             self.lane.leave_queue(self)  # type: ignore[union-attr]

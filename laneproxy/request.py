@@ -75,17 +75,20 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
         raise BadRequest("Upgrade request with a body")
     route = down.ctx.router.match(path)
     if route is None:
-        return Exchange(
+        ex = Exchange(
             down, None, method, b"", body_kind, keep_alive,
             local=NoRoute(f"no route for {path.decode('latin-1')[:200]}"),
         )
+        ex.target = url
+        return ex
     static = route.static
     if static is not None and (method == b"GET" or method == b"HEAD"):
         file = static.find(path)
         if file is not None:
-            return Exchange(
-                down, route, method, b"", body_kind, keep_alive, static=(file, request_fields(down)),
-            )
+            ex = Exchange(down, route, method, b"", body_kind, keep_alive, static=(file, request_fields(down)))
+            ex.target = url
+            ex.fields = down.headers
+            return ex
     lane = route.lane
     if lane.max_body and body_kind == BODY_LENGTH and down.content_length > lane.max_body:  # type: ignore[operator]
         raise BodyTooLarge(f"request body over the lane's max_body ({lane.max_body} bytes)")
@@ -129,6 +132,8 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
     )
     if offer is not None:
         down.last_offer = ex
+    ex.target = url
+    ex.fields = down.headers
     return ex
 
 def request_fields(down: DownstreamProtocol) -> dict[bytes, bytes]:

@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 
+from laneproxy.accesslog import AccessLog
 from laneproxy.config import ProxyConfig
 from laneproxy.downstream import Context, DownstreamProtocol
 from laneproxy.health import HealthChecker
@@ -47,6 +48,8 @@ class Proxy:
         self.lanes = {name: Lane(name, lane_cfg, self.loop) for name, lane_cfg in cfg.lanes.items()}
         self.router = build_router(cfg, self.lanes)
         self.ctx = Context(self.loop, self.router, cfg.client)
+        if cfg.access_log is not None:
+            self.ctx.access_log = AccessLog(cfg.access_log, cfg.log_format, cfg.base_dir, self.loop)
         self.health = [HealthChecker(lane, lane.cfg.health) for lane in self.lanes.values() if lane.cfg.health]
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
@@ -103,6 +106,8 @@ class Proxy:
             await checker.stop()
         for lane in self.lanes.values():
             lane.close()
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.close()
         self._stopped.set()
 
     def stats(self) -> dict[str, object]:
@@ -138,6 +143,8 @@ async def serve(cfg: ProxyConfig) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    if proxy.ctx.access_log is not None:
+        loop.add_signal_handler(signal.SIGUSR1, proxy.ctx.access_log.reopen)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP: config reload is not implemented yet"))
     await stop.wait()
     await proxy.stop()

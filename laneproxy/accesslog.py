@@ -1,0 +1,145 @@
+"""Access log: one line per exchange, buffered and flushed on a timer, reopened on SIGUSR1.
+
+Lines are built from the exchange's own fields at its end; nothing is formatted while the
+log is off. Writes go out in batches (at most every second, or at 64 KiB), like nginx's
+`access_log ... buffer=64k flush=1s`: a write to the page cache is a few microseconds, so the
+event loop is not held up, and nothing is lost on stop (`close` flushes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from laneproxy.exchange import Exchange
+
+FLUSH_BYTES = 64 * 1024
+FLUSH_SECONDS = 1.0
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds:.3f}"
+
+
+class AccessLog:
+    """`log(exchange)` appends a line; `flush`, `reopen` and `close` do the I/O."""
+
+    def __init__(self, target: str, fmt: str, base_dir: Path, loop: asyncio.AbstractEventLoop) -> None:
+        self.target = target
+        self.path = None if target == "-" else (base_dir / target)
+        self.json = fmt == "json"
+        self.loop = loop
+        self.fd = -1
+        self.buf: list[str] = []
+        self.size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._sec = -1
+        self._stamp = ""
+        self.lines = 0
+        self.open()
+
+    def open(self) -> None:
+        if self.path is None:
+            self.fd = 1
+        else:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def reopen(self) -> None:
+        """After logrotate moved the file: flush to the old one, continue in a new one."""
+        self.flush()
+        if self.path is not None:
+            old = self.fd
+            self.open()
+            os.close(old)
+
+    def close(self) -> None:
+        self.flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.path is not None and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def flush(self) -> None:
+        self._timer = None
+        if not self.buf or self.fd < 0:
+            return
+        data = "".join(self.buf).encode("utf-8", "backslashreplace")
+        self.buf.clear()
+        self.size = 0
+        while data:
+            written = os.write(self.fd, data)
+            data = data[written:]
+
+    def _now(self) -> str:
+        sec = int(time.time())
+        if sec != self._sec:  # strftime once per second, not per line
+            self._sec = sec
+            self._stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(sec))
+        return self._stamp
+
+    def log(self, ex: Exchange, end: float) -> None:
+        line = self._json(ex, end) if self.json else self._combined(ex, end)
+        self.buf.append(line)
+        self.size += len(line)
+        self.lines += 1
+        if self.size >= FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self.loop.call_later(FLUSH_SECONDS, self.flush)
+
+    # -- formats ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def fields(ex: Exchange, end: float) -> dict[str, object]:
+        started = ex.started or end
+        up = ex.server is not None and ex.started
+        fields = ex.fields_of(b"referer", b"user-agent")
+        return {
+            "client": ex.down.peer_ip.decode(),
+            "method": ex.method.decode("latin-1"),
+            "target": ex.target.decode("latin-1") if ex.target else "-",
+            "protocol": "HTTP/1.1" if ex.down.http11 else "HTTP/1.0",
+            "status": ex.status or 499,
+            "bytes": ex.bytes_out,
+            "time": round(end - ex.t0, 6),
+            "lane": ex.lane.name if ex.lane else None,
+            "route": ex.route.prefix.decode() if ex.route else None,
+            "upstream": ex.server.name if ex.server else None,
+            "upstream_connect_time": round(ex.t_conn - started, 6) if up and ex.t_conn else None,
+            "upstream_header_time": round(ex.t_head - started, 6) if up and ex.t_head else None,
+            "upstream_response_time": round(end - started, 6) if up else None,
+            "queue_wait": round(started - ex.t0, 6) if ex.started else None,
+            "retries": max(ex.tries - 1, 0),
+            "reason": ex.local.reason if ex.local is not None else None,
+            "referer": fields[0],
+            "user_agent": fields[1],
+        }
+
+    def _json(self, ex: Exchange, end: float) -> str:
+        record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.fields(ex, end)}
+        return json.dumps(record, separators=(",", ":")) + "\n"
+
+    def _combined(self, ex: Exchange, end: float) -> str:
+        f = self.fields(ex, end)
+
+        def opt(value: object) -> str:
+            return "-" if value is None else (_ms(value) if isinstance(value, float) else str(value))
+
+        reason = f["reason"]
+        return (
+            f'{f["client"]} - - [{self._now()}] "{f["method"]} {f["target"]} {f["protocol"]}" {f["status"]} '
+            f'{f["bytes"]} "{f["referer"] or "-"}" "{f["user_agent"] or "-"}" rt={_ms(f["time"])} '  # type: ignore[arg-type]
+            f'lane={opt(f["lane"])} route={opt(f["route"])} up={opt(f["upstream"])} '
+            f'uct={opt(f["upstream_connect_time"])} uht={opt(f["upstream_header_time"])} '
+            f'urt={opt(f["upstream_response_time"])} qw={opt(f["queue_wait"])} retries={f["retries"]}'
+            + (f' reason="{reason}"' if reason else "")
+            + "\n"
+        )
