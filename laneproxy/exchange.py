@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from laneproxy.errors import BodyTooLarge, ConnectFailed, LaneBusy, ProxyError, UpstreamStatus, UpstreamTimeout
 from laneproxy.flow import CONNECTING, PEER_BUSY, UPGRADE
-from laneproxy.http1 import CONTINUE_100, CRLF, STATUS_LINE, error_response, status_line
+from laneproxy.http1 import CONTINUE_100, CRLF, REASON, STATUS_LINE, error_response, status_line
 from laneproxy.queue import FULL, QUEUED
 from laneproxy.tunnel import Tunnel
 from laneproxy.upstream import LENGTH, NO_BODY, UpstreamProtocol
@@ -316,8 +316,11 @@ class Exchange:
                     raise err  # the parser stops; upstream_failed retries on another server
                 lane.record_failure(self.server)  # type: ignore[union-attr,arg-type]
         self.status = status
-        line = STATUS_LINE.get(status) if not up.reason else None
-        parts = [line or status_line(status, up.reason)]
+        # laneproxy's own status line (I1) with the upstream's reason phrase; precomputed when usual.
+        line = STATUS_LINE.get(status)
+        if line is None or REASON[status] != up.reason:
+            line = status_line(status, up.reason)
+        parts = [line]
         parts += up.headers
         mode = up.mode
         if mode == LENGTH:
@@ -355,7 +358,9 @@ class Exchange:
             self.head_written = True
             data = out[0] if len(out) == 1 else b"".join(out)
             self.bytes_out += len(data)
-            self.down.write(data)
+            down = self.down
+            if not down.is_closed:
+                down.transport.write(data)
             out.clear()
 
     def on_response_complete(self) -> None:

@@ -14,6 +14,7 @@ from laneproxy.errors import BadRequest
 CRLF = b"\r\n"
 VIA = b"1.1 laneproxy"
 
+REASON: dict[int, bytes] = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
 STATUS_LINE: dict[int, bytes] = {
     s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("latin-1")) for s in HTTPStatus
 }
@@ -65,8 +66,14 @@ IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 
 
+_COMMON_TOKENS = {b"keep-alive": [b"keep-alive"], b"close": [b"close"], b"chunked": [b"chunked"]}
+
+
 def split_tokens(value: bytes) -> list[bytes]:
     """A comma list (Connection, Transfer-Encoding) → lowercased tokens, empty elements dropped."""
+    common = _COMMON_TOKENS.get(value)  # the usual single token: no split on the hot path
+    if common is not None:
+        return common[:]
     return [t for t in (p.strip(b" \t").lower() for p in value.split(b",")) if t]
 
 

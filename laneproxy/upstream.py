@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from laneproxy.tunnel import Tunnel
 
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+_SPECIAL_LENGTHS = frozenset(len(name) for name in RESPONSE_SPECIAL)
 
 # Response framing modes.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE, SWITCHED = range(5)
@@ -238,7 +239,8 @@ class UpstreamProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.done:
             return
-        kind = RESPONSE_SPECIAL.get(name.lower())
+        # Only names as long as a special one need lowering (Server, Date, Content-Type do not).
+        kind = RESPONSE_SPECIAL.get(name.lower()) if len(name) in _SPECIAL_LENGTHS else None
         if kind is None:
             self.headers.append(b"%s: %s\r\n" % (name, value.rstrip(b" \t")))
         elif kind == R_CL:
@@ -277,7 +279,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self.te = self.conn_tokens = None
             return
         self.keep_alive = self.parser.should_keep_alive()
-        if self.conn_tokens:
+        if self.conn_tokens and self.conn_tokens != [b"keep-alive"]:
             self._drop_connection_named()
         if self.te is not None:
             if self.te != [b"chunked"]:
