@@ -191,10 +191,6 @@ class ProxyCollector:
                 fam.add_metric([lane.name], read(lane))
             yield fam
         served = CounterMetricFamily("laneproxy_lane_served", "Exchanges that ended on the lane.", labels=["lane"])
-        admitted = CounterMetricFamily(
-            "laneproxy_lane_admitted", "Requests the lane queue let through (at once or after waiting).",
-            labels=["lane"],
-        )
         shed = CounterMetricFamily(
             "laneproxy_lane_shed", "Requests the lane refused or dropped from its queue, by reason.",
             labels=["lane", "reason"],
@@ -202,16 +198,14 @@ class ProxyCollector:
         hists: dict[str, HistogramMetricFamily] = {}
         for lane in lanes:
             served.add_metric([lane.name], lane.served)
-            admitted.add_metric([lane.name], lane.queue.served)
             for reason, n in lane.queue.shed.items():
                 shed.add_metric([lane.name, reason], n)
-            _histogram("laneproxy_lane_queue_wait_seconds", "Time requests waited for a lane slot.",
+            _histogram("laneproxy_lane_queue_wait_seconds", "Time requests waited for a slot (lanes with a limit).",
                        ["lane"], hists, [lane.name], lane.queue.wait)
             _histogram("laneproxy_lane_upstream_seconds",
                        "Time from admission to the end of the response, per exchange.",
                        ["lane"], hists, [lane.name], lane.upstream_time)
         yield served
-        yield admitted
         yield shed
         yield from hists.values()
 

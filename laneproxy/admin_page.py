@@ -15,12 +15,16 @@ from typing import Any
 
 SHED_LABELS = (("full", "full"), ("timeout", "timeout"), ("codel", "codel"), ("client_gone", "client gone"))
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+SERVER_HEAD = (
+    '<tr><th>Server</th><th class="l">Health</th><th>In flight</th><th>Requests</th><th>Fails</th>'
+    '<th>Retries</th><th title="pooled upstream connections: active / idle">Pool a/i</th></tr>'
+)
 
 STYLE = """
 :root{color-scheme:light dark;--bg:#f5f6f8;--card:#fff;--fg:#1c2330;--mute:#687385;--line:#e3e6eb;
 --soft:#eef0f3;--accent:#2f6fde;--accent2:#9bb6e8;--ok:#1f9d55;--warn:#c77700;--bad:#d23b3b;--idle:#8a93a3}
 @media (prefers-color-scheme:dark){:root{--bg:#111418;--card:#191d23;--fg:#e3e7ee;--mute:#8b95a5;
---line:#2a3039;--soft:#222831;--accent:#5b9cff;--accent2:#3b5680;--ok:#3ecf7a;--warn:#f0a33a;--bad:#ff6b6b;
+--line:#2a3039;--soft:#222831;--accent:#5b9cff;--accent2:#7f9cc9;--ok:#3ecf7a;--warn:#f0a33a;--bad:#ff6b6b;
 --idle:#6b7484}}
 *{box-sizing:border-box}
 body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,
@@ -94,6 +98,9 @@ SCRIPT = r"""
   const WINDOW = 5, KEEP = 61, PERIOD = 1000;
   const SHED = [["full", "full"], ["timeout", "timeout"], ["codel", "codel"], ["client_gone", "client gone"]];
   const CLASSES = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+  const HEAD = '<table><thead><tr><th>Server</th><th class="l">Health</th><th>In flight</th><th>Requests</th>' +
+    '<th>Fails</th><th>Retries</th><th title="pooled upstream connections: active / idle">Pool a/i</th></tr>' +
+    "</thead><tbody>";
   const hist = [];             // snapshots, oldest first
   const series = new Map();    // lane -> [{p50, p99}] (one point per poll)
   const $ = (id) => document.getElementById(id);
@@ -199,9 +206,13 @@ SCRIPT = r"""
       (s.weight !== 1 ? " \u00b7 w" + s.weight : "") + "</span></td><td>" + num(s.in_flight) + "</td><td>" +
       num(s.requests) + "</td><td>" + num(s.failures) + "</td><td>" + num(s.retried) + "</td><td>" +
       num(s.pool.active) + " / " + num(s.pool.idle) + "</td></tr>").join("");
+    const p = laneOf(prev, lane.name);
+    let shedding = 0;
+    if (p) for (const [k] of SHED) shedding += (lane.shed[k] || 0) - (p.shed[k] || 0);
     const state = lane.overloaded ? '<span class="badge warn">overloaded</span>'
-      : lane.servers.some((s) => s.up) ? '<span class="badge ok">ok</span>'
-      : '<span class="badge bad">no server up</span>';
+      : !lane.servers.some((s) => s.up) ? '<span class="badge bad">no server up</span>'
+      : shedding > 0 ? '<span class="badge warn">shedding</span>'
+      : '<span class="badge ok">ok</span>';
     return '<div class="lane-head"><h2>' + esc(lane.name) + "</h2>" + state + '<span class="sub">' +
       esc(lane.balance) + " \u00b7 " + lane.servers.length + " server" + (lane.servers.length === 1 ? "" : "s") +
       "</span></div>" + '<div class="kpis">' +
@@ -213,8 +224,7 @@ SCRIPT = r"""
       kpi("Served", num(lane.served)) + "</div>" +
       '<div class="spark">' + spark(pts) + "</div>" +
       '<div class="shed">Shed: ' + shed + wait(lane, old) + "</div>" +
-      '<table><thead><tr><th>Server</th><th class="l">Health</th><th>In flight</th><th>Requests</th>' +
-      "<th>Failures</th><th>Retries</th><th>Pool act / idle</th></tr></thead><tbody>" + rows + "</tbody></table>";
+      HEAD + rows + "</tbody></table>";
   }
   function renderRoutes(routes) {
     return routes.map((r) => "<tr><td><code>" + esc(r.prefix) + '</code></td><td class="l">' + esc(r.lane) +
@@ -384,8 +394,7 @@ def render_lane(lane: dict[str, Any]) -> str:
         + _kpi("Served", _num(lane["served"]))
         + '</div><div class="spark"><span class="empty">collecting samples\u2026</span></div>'
         f'<div class="shed">Shed: {shed}{wait}</div>'
-        '<table><thead><tr><th>Server</th><th class="l">Health</th><th>In flight</th><th>Requests</th>'
-        f"<th>Failures</th><th>Retries</th><th>Pool act / idle</th></tr></thead><tbody>{rows}</tbody></table>"
+        f"<table><thead>{SERVER_HEAD}</thead><tbody>{rows}</tbody></table>"
         "</article>"
     )
 

@@ -141,6 +141,8 @@ class ClientConfig(_Model):
     max_header_size: Annotated[Size, Field(ge=256)] = 32 * 1024
     max_headers: PositiveInt = 100
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # Header names with '_' (Content_Length...): drop them (nginx's default), reject (400), or allow.
+    underscore_headers: Literal["drop", "reject", "allow"] = "drop"
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

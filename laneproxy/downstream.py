@@ -16,7 +16,7 @@ import httptools
 from laneproxy.accesslog import AccessLog
 from laneproxy.config import ClientConfig
 from laneproxy.errors import BadRequest, ProxyError
-from laneproxy.exchange import BODY_NONE, RESP_DONE, Exchange
+from laneproxy.exchange import BODY_CHUNKED, BODY_NONE, RESP_DONE, Exchange
 from laneproxy.flow import DRAINING, HIGH_WATER, LOW_WATER, PEER_BUSY, PIPELINE, UPGRADE, Deadline, ReadGate
 from laneproxy.http1 import (
     H_CL,
@@ -36,7 +36,7 @@ from laneproxy.tunnel import Tunnel
 
 MAX_FIELD_LINE = 8 * 1024  # one header line (nginx large_client_header_buffers 8k)
 LINGER_SECONDS = 5.0  # after an error answer, read and drop for at most this long, then close
-_KEEP_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade"))
+MAX_CHUNK_LINE = 1024 + 20  # chunk size, 1 KiB of extensions, CRLF (per chunk, approximately)
 
 
 class Context:
@@ -56,6 +56,7 @@ class Context:
         self.max_headers = client.max_headers
         self.max_head_bytes = client.max_request_line + client.max_header_size + 2 * MAX_FIELD_LINE
         self.trusted = client.trusted_proxies
+        self.underscore_headers = client.underscore_headers
         self.connections: set[DownstreamProtocol] = set()
         self.closing = False
         self.requests = 0
@@ -106,6 +107,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self._starting = False
         self.in_head = False
         self.head_bytes = 0
+        self.chunk_events = 0
+        self.chunk_line_bytes = 0
         self._drain_waiter: asyncio.Future[None] | None = None
         self.idle_deadline = Deadline(self.loop, self._on_idle_timeout)
         self.read_deadline = Deadline(self.loop, self._on_read_timeout)
@@ -162,6 +165,10 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.lingering or self.parse_dead:
             return
         self.idle_deadline.clear()
+        cur = self.current
+        chunked = cur is not None and cur.body_kind == BODY_CHUNKED
+        if chunked:  # account chunk-size lines (extensions are never forwarded, but bounded)
+            body0, events0, fields0 = cur.body_seen, self.chunk_events, self.header_bytes  # type: ignore[union-attr]
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -194,6 +201,13 @@ class DownstreamProtocol(asyncio.Protocol):
             self._request_error(BadRequest(f"malformed request ({exc})"))
             return
         ctx = self.ctx
+        if chunked and self.current is cur:
+            events = self.chunk_events - events0
+            framing = len(data) - (cur.body_seen - body0) - (self.header_bytes - fields0)  # type: ignore[union-attr]
+            self.chunk_line_bytes = (self.chunk_line_bytes if not events else 0) + framing - 2 * events
+            if self.chunk_line_bytes > (events or 1) * (MAX_CHUNK_LINE + 2):
+                self._request_error(BadRequest("chunk extensions too long"))
+                return
         if self.in_head:
             self.head_bytes += len(data)
             if self.head_bytes > ctx.max_head_bytes:
@@ -368,8 +382,13 @@ class DownstreamProtocol(asyncio.Protocol):
         lname = name.lower()
         kind = REQUEST_SPECIAL.get(lname)
         if kind is None:
-            if b"_" not in name:  # nginx underscores_in_headers off: Content_Length never passes
-                self.headers.append(b"%s: %s\r\n" % (name, value.rstrip(b" \t")))
+            if b"_" in name and self.ctx.underscore_headers != "allow":
+                # nginx underscores_in_headers off: Content_Length never reaches an upstream that
+                # might read it as Content-Length.
+                if self.ctx.underscore_headers == "reject":
+                    raise BadRequest("header name with an underscore")
+                return
+            self.headers.append(b"%s: %s\r\n" % (name, value.rstrip(b" \t")))
             return
         value = value.strip(b" \t")
         if kind == H_HOST:
@@ -408,6 +427,9 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             self.queue.append(ex)
             self.gate.close(PIPELINE)
+
+    def on_chunk_header(self) -> None:
+        self.chunk_events += 1
 
     def on_body(self, body: bytes) -> None:
         self.current.on_request_body(body)  # type: ignore[union-attr]

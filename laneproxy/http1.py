@@ -87,7 +87,7 @@ _ENCODED_SEP_RE = re.compile(rb"%(?:2[eEfF]|5[cC])")
 
 def check_host(value: bytes) -> bytes:
     m = _HOST_RE.fullmatch(value)
-    if m is None or (m.group(1) is not None and int(m.group(1)) > 65535):
+    if not value or m is None or (m.group(1) is not None and int(m.group(1)) > 65535):
         raise BadRequest("invalid Host")
     return value
 

@@ -54,6 +54,7 @@ class Proxy:
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
         self._stopped = asyncio.Event()
+        self.admin = None  # aiohttp AppRunner of the admin listener, when configured
 
     async def start(self) -> None:
         """Bind every listener; on failure nothing stays bound."""
@@ -76,6 +77,15 @@ class Proxy:
             self.servers.clear()
             self.addresses.clear()
             raise
+        if self.cfg.admin is not None:
+            from laneproxy.admin import start_admin  # the control plane stays off the data path's imports
+
+            try:
+                self.admin = await start_admin(self)
+            except OSError:
+                for server in self.servers:
+                    server.close()
+                raise
         for checker in self.health:
             checker.start()
         for host, port in self.addresses:
@@ -104,6 +114,9 @@ class Proxy:
             conn.abort()
         for checker in self.health:
             await checker.stop()
+        if self.admin is not None:
+            await self.admin.cleanup()
+            self.admin = None
         for lane in self.lanes.values():
             lane.close()
         if self.ctx.access_log is not None:

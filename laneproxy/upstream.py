@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from laneproxy.tunnel import Tunnel
 
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+MAX_RESPONSE_HEAD = 64 * 1024  # like nginx proxy_buffer_size limits it (502 beyond)
 _SPECIAL_LENGTHS = frozenset(len(name) for name in RESPONSE_SPECIAL)
 
 # Response framing modes.
@@ -61,6 +62,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def _reset_response(self) -> None:
         self.status = 0
+        self.head_bytes = 0
         self.reason = b""
         self.headers: list[bytes] = []
         self.content_length: int | None = None
@@ -94,6 +96,12 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         self.last_read = self.loop.time()
         self.got_bytes = True
+        if self.mode == -1:  # still in the response head: bound it (httptools has no limit)
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_RESPONSE_HEAD:
+                self.broken = True
+                ex.upstream_failed(UpstreamProtocolError("upstream response header section too large"))
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
