@@ -67,8 +67,56 @@ def _parser() -> argparse.ArgumentParser:
             "-c", "--config", metavar="FILE",
             help="config file (default: ./laneproxy.yaml if present, else the built-in default)",
         )
+    reload = sub.add_parser("reload", help="make a running laneproxy re-read its config")
+    reload.add_argument("-c", "--config", metavar="FILE", help="the running instance's config file")
+    reload.add_argument("--pid", type=int, help="send SIGHUP to this process (default: POST /api/reload on admin)")
     sub.add_parser("demo", help="start demo upstreams behind the proxy on the built-in default")
     return parser
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """SIGHUP to --pid, else POST /api/reload to the admin listener named in the config."""
+    if args.pid:
+        import os
+        import signal
+
+        try:
+            os.kill(args.pid, signal.SIGHUP)
+        except OSError as exc:
+            print(f"cannot signal pid {args.pid}: {exc.strerror}", file=sys.stderr)
+            return 1
+        print(f"sent SIGHUP to {args.pid}; the outcome is in its log")
+        return 0
+    cfg = _load(args.config, sys.stderr)
+    if cfg is None:
+        return EXIT_BAD_CONFIG
+    if cfg.admin is None:
+        print("no admin listener in the config: use --pid PID (or kill -HUP PID)", file=sys.stderr)
+        return 1
+    import json
+    import urllib.error
+    import urllib.request
+
+    host, port = cfg.admin.listen
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    request = urllib.request.Request(f"http://{_addr(host, port)}/api/reload", method="POST", data=b"")
+    if cfg.admin.token:
+        request.add_header("Authorization", f"Bearer {cfg.admin.token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            print(json.dumps(json.load(response), indent=2))
+            return 0
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace")
+        try:
+            for problem in json.loads(body).get("problems", []):
+                print(problem, file=sys.stderr)
+        except ValueError:
+            print(body, file=sys.stderr)
+        return EXIT_BAD_CONFIG if exc.code == 400 else 1
+    except OSError as exc:
+        print(f"cannot reach the admin listener at {_addr(host, port)}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _load(path: str | None, out) -> ProxyConfig | None:
@@ -85,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.command == "reload":
+        return _reload(args)
     if args.command == "demo":
         from laneproxy.demo import main as demo_main
 

@@ -312,6 +312,8 @@ class ProxyConfig(_Model):
     routes: Annotated[tuple[RouteConfig, ...], Field(min_length=1)]
     # Where the file came from: relative paths (root, logs) resolve from here. Not a YAML key.
     base_dir: Path = Field(default=Path("."), exclude=True)
+    # The file it was read from (None: the built-in default); reload re-reads it. Not a YAML key.
+    path: Path | None = Field(default=None, exclude=True)
 
     @field_validator("version", mode="before")
     @classmethod
@@ -354,6 +356,8 @@ class ProxyConfig(_Model):
             if route.prefix in seen:
                 problems.append((f"routes[{i}].prefix", f"duplicate of routes[{seen[route.prefix]}]"))
             seen.setdefault(route.prefix, i)
+        if self.workers > 1 and any(port == 0 for _, port in self.listen):
+            problems.append(("listen", "port 0 (any free port) needs workers: 1; each worker would get its own"))
         fixed = [addr for addr in self.listen if addr[1] != 0]
         if len(set(fixed)) != len(fixed):
             problems.append(("listen", "the same address is listed twice"))
@@ -416,8 +420,9 @@ def parse_config(text: str, base_dir: Path | str = ".", source: str = "<config>"
         raise ConfigError(["(top level): expected a mapping with version: 1, lanes and routes"])
     data = dict(data)
     # base_dir is a model field but not a YAML key: a file that sets it gets the unknown-key error.
-    stray = ["base_dir: unknown key"] if "base_dir" in data else []
+    stray = [f"{key}: unknown key" for key in ("base_dir", "path") if key in data]
     data.pop("base_dir", None)
+    data.pop("path", None)
     try:
         cfg = ProxyConfig.model_validate(data)
     except ValidationError as exc:
@@ -456,4 +461,5 @@ def load_config(path: str | Path | None = None) -> ProxyConfig:
     except UnicodeDecodeError:
         raise ConfigError([f"(file) {path}: not UTF-8 text"]) from None
     base = Path(".") if path == DEFAULT_CONFIG_PATH else path.resolve().parent
-    return parse_config(text, base_dir=base, source=str(path))
+    cfg = parse_config(text, base_dir=base, source=str(path))
+    return cfg.model_copy(update={"path": path.resolve()})

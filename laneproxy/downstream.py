@@ -45,6 +45,18 @@ class Context:
     def __init__(self, loop: asyncio.AbstractEventLoop, router: Router, client: ClientConfig) -> None:
         self.loop = loop
         self.router = router
+        self.apply(client)
+        self.connections: set[DownstreamProtocol] = set()
+        self.closing = False
+        self.requests = 0
+        self.rejected_connections = 0
+        self.tunnels = 0
+        self.access_log: AccessLog | None = None
+        # laneproxy's own answers outside any route (400, 404, 408 ...), by status.
+        self.local_responses: dict[int, int] = {}
+
+    def apply(self, client: ClientConfig) -> None:
+        """Take (new) client settings: used by connections and requests from now on (reload)."""
         self.client = client
         self.header_timeout = client.header_timeout
         self.body_timeout = client.body_timeout
@@ -57,14 +69,6 @@ class Context:
         self.max_head_bytes = client.max_request_line + client.max_header_size + 2 * MAX_FIELD_LINE
         self.trusted = client.trusted_proxies
         self.underscore_headers = client.underscore_headers
-        self.connections: set[DownstreamProtocol] = set()
-        self.closing = False
-        self.requests = 0
-        self.rejected_connections = 0
-        self.tunnels = 0
-        self.access_log: AccessLog | None = None
-        # laneproxy's own answers outside any route (400, 404, 408 ...), by status.
-        self.local_responses: dict[int, int] = {}
 
     def is_trusted(self, ip: str) -> bool:
         if not self.trusted:

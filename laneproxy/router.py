@@ -10,6 +10,10 @@ if TYPE_CHECKING:
     from laneproxy.static import StaticFiles
 
 
+def vars_of(static: StaticFiles) -> tuple[object, ...]:
+    return (static.root, static.index, static.follow_symlinks, static.serve_hidden, static.expires, static.gzip_static)
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     prefix: bytes
@@ -19,6 +23,14 @@ class Route:
     priority: int = 1  # queue class in the lane: 0 high, 1 normal, 2 low
     # Responses by status class (index status // 100), plain integers read at scrape time.
     responses: list[int] = field(default_factory=lambda: [0] * 6)
+
+    def same_as(self, other: Route) -> bool:
+        """Same behaviour (a reload keeps the route, and its counters, when nothing changed)."""
+        return (self.prefix, self.lane, self.strip_prefix, self.priority) == (
+            other.prefix, other.lane, other.strip_prefix, other.priority
+        ) and (self.static is None) == (other.static is None) and (
+            self.static is None or vars_of(self.static) == vars_of(other.static)  # type: ignore[arg-type]
+        )
 
     def upstream_path(self, path: bytes) -> bytes:
         """The path the upstream sees: unchanged, or with the prefix replaced by '/'."""
@@ -36,6 +48,9 @@ class Router:
     def __init__(self, routes: list[Route]) -> None:
         self._table = {r.prefix: r for r in routes}
         self._lengths = sorted({len(p) for p in self._table}, reverse=True)
+
+    def routes(self) -> dict[bytes, Route]:
+        return dict(self._table)
 
     def match(self, path: bytes) -> Route | None:
         table = self._table

@@ -8,7 +8,7 @@ import signal
 import socket
 
 from laneproxy.accesslog import AccessLog
-from laneproxy.config import ProxyConfig
+from laneproxy.config import ConfigError, ProxyConfig, load_config
 from laneproxy.downstream import Context, DownstreamProtocol
 from laneproxy.health import HealthChecker
 from laneproxy.lane import Lane
@@ -23,7 +23,9 @@ BACKLOG = 511  # as nginx
 PRIORITY = {"high": 0, "normal": 1, "low": 2}
 
 
-def build_router(cfg: ProxyConfig, lanes: dict[str, Lane]) -> Router:
+def build_router(cfg: ProxyConfig, lanes: dict[str, Lane], previous: Router | None = None) -> Router:
+    """The route table; a route unchanged since `previous` is kept (with its counters)."""
+    old_routes = previous.routes() if previous is not None else {}
     routes = []
     for r in cfg.routes:
         static = None
@@ -32,10 +34,14 @@ def build_router(cfg: ProxyConfig, lanes: dict[str, Lane]) -> Router:
                 cfg.root_for(r), index=r.index, follow_symlinks=r.follow_symlinks,
                 serve_hidden=r.serve_hidden, expires=r.expires, gzip_static=r.gzip_static,
             )
-        routes.append(Route(
+        route = Route(
             prefix=r.prefix.encode(), lane=lanes[r.lane], strip_prefix=r.strip_prefix,
             static=static, priority=PRIORITY[r.priority],
-        ))
+        )
+        before = old_routes.get(route.prefix)
+        if before is not None and before.same_as(route):
+            route = before
+        routes.append(route)
     return Router(routes)
 
 
@@ -52,29 +58,23 @@ class Proxy:
             self.ctx.access_log = AccessLog(cfg.access_log, cfg.log_format, cfg.base_dir, self.loop)
         self.health = [HealthChecker(lane, lane.cfg.health) for lane in self.lanes.values() if lane.cfg.health]
         self.servers: list[asyncio.Server] = []
+        self.listeners: dict[tuple[str, int], asyncio.Server] = {}  # configured address → server
         self.addresses: list[tuple[str, int]] = []
+        self.retired: list[Lane] = []  # lanes replaced by a reload, draining their in-flight work
+        self.reloads = 0
         self._stopped = asyncio.Event()
         self.admin = None  # aiohttp AppRunner of the admin listener, when configured
 
     async def start(self) -> None:
         """Bind every listener; on failure nothing stays bound."""
-        reuse_port = self.cfg.workers > 1
         try:
-            for host, port in self.cfg.listen:
-                server = await self.loop.create_server(
-                    lambda: DownstreamProtocol(self.ctx), host, port,
-                    backlog=BACKLOG, reuse_address=True, reuse_port=reuse_port or None,
-                )
-                self.servers.append(server)
-                for sock in server.sockets:
-                    addr = sock.getsockname()
-                    self.addresses.append((addr[0], addr[1]))
-                    if sock.family in (socket.AF_INET, socket.AF_INET6):
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for addr in self.cfg.listen:
+                await self._bind(addr)
         except OSError:
             for server in self.servers:
                 server.close()
             self.servers.clear()
+            self.listeners.clear()
             self.addresses.clear()
             raise
         if self.cfg.admin is not None:
@@ -89,8 +89,114 @@ class Proxy:
         for checker in self.health:
             checker.start()
         for host, port in self.addresses:
-            shown = f"[{host}]" if ":" in host else host
-            log.info("listening on http://%s:%d", shown, port)
+            log.info("listening on %s", self._shown(host, port))
+
+    async def _bind(self, addr: tuple[str, int]) -> None:
+        host, port = addr
+        server = await self.loop.create_server(
+            lambda: DownstreamProtocol(self.ctx), host, port,
+            backlog=BACKLOG, reuse_address=True, reuse_port=True if self.cfg.workers > 1 else None,
+        )
+        self.servers.append(server)
+        self.listeners[addr] = server
+        for sock in server.sockets:
+            bound = sock.getsockname()
+            self.addresses.append((bound[0], bound[1]))
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @staticmethod
+    def _shown(host: str, port: int) -> str:
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    # -- reload ----------------------------------------------------------------------------------
+
+    async def reload(self, cfg: ProxyConfig | None = None) -> dict[str, object]:
+        """Apply a new config without dropping anything (SIGHUP, POST /api/reload).
+
+        The file is validated first (ConfigError leaves everything as it was). Lanes whose
+        settings did not change keep their pools, queues and counters; changed or removed lanes
+        finish their in-flight and queued exchanges on the old settings, then close. Open client
+        connections and tunnels stay; listeners added or removed are bound or closed.
+        """
+        if cfg is None:
+            cfg = load_config(self.cfg.path) if self.cfg.path is not None else self.cfg
+        if cfg.workers != self.cfg.workers:
+            cfg = cfg.model_copy(update={"workers": self.cfg.workers})  # processes: restart to change
+        if cfg.workers > 1:
+            from laneproxy.supervisor import share_limits
+
+            cfg = share_limits(cfg)
+            if self.cfg.admin is None:
+                cfg = cfg.model_copy(update={"admin": None})
+        old = self.cfg
+        lanes: dict[str, Lane] = {}
+        kept, changed = [], []
+        for name, lane_cfg in cfg.lanes.items():
+            lane = self.lanes.get(name)
+            if lane is not None and lane.cfg == lane_cfg:
+                lanes[name] = lane
+                kept.append(name)
+            else:
+                lanes[name] = Lane(name, lane_cfg, self.loop)
+                changed.append(name)
+        retired = [lane for name, lane in self.lanes.items() if lanes.get(name) is not lane]
+        # Bind new listeners before anything changes: a failure leaves the old config running.
+        added = [addr for addr in cfg.listen if addr not in self.listeners]
+        bound_before = set(self.listeners)
+        try:
+            for addr in added:
+                await self._bind(addr)
+        except OSError:
+            for addr in set(self.listeners) - bound_before:
+                self.listeners.pop(addr).close()
+            raise
+        router = build_router(cfg, lanes, previous=self.router)
+        self.lanes = lanes
+        self.router = self.ctx.router = router
+        self.ctx.apply(cfg.client)
+        for addr in old.listen:
+            if addr not in cfg.listen and addr in self.listeners:
+                server = self.listeners.pop(addr)
+                server.close()
+                self.servers.remove(server)
+        if (cfg.access_log, cfg.log_format) != (old.access_log, old.log_format):
+            if self.ctx.access_log is not None:
+                self.ctx.access_log.close()
+            self.ctx.access_log = (
+                AccessLog(cfg.access_log, cfg.log_format, cfg.base_dir, self.loop) if cfg.access_log else None
+            )
+        for checker in [c for c in self.health if c.lane in retired]:
+            await checker.stop()
+            self.health.remove(checker)
+        for name in changed:
+            if lanes[name].cfg.health:
+                checker = HealthChecker(lanes[name], lanes[name].cfg.health)
+                checker.start()
+                self.health.append(checker)
+        self.retired += retired
+        self._close_drained()
+        self.cfg = cfg
+        self.reloads += 1
+        for addr in added:
+            log.info("listening on %s", self._shown(*self.listeners[addr].sockets[0].getsockname()[:2]))
+        summary = {"kept": kept, "changed": changed, "removed": [lane.name for lane in retired
+                                                                  if lane.name not in lanes],
+                   "listeners_added": [f"{h}:{p}" for h, p in added]}
+        log.info("reloaded: %s", summary)
+        return summary
+
+    def _close_drained(self) -> None:
+        """Close retired lanes once their last in-flight or queued exchange is done."""
+        still = []
+        for lane in self.retired:
+            if lane.in_flight or len(lane.queue):
+                still.append(lane)
+            else:
+                lane.close()
+        self.retired = still
+        if still:
+            self.loop.call_later(0.1, self._close_drained)
 
     @property
     def port(self) -> int:
@@ -117,7 +223,7 @@ class Proxy:
         if self.admin is not None:
             await self.admin.cleanup()
             self.admin = None
-        for lane in self.lanes.values():
+        for lane in [*self.lanes.values(), *self.retired]:
             lane.close()
         if self.ctx.access_log is not None:
             self.ctx.access_log.close()
@@ -131,9 +237,11 @@ class Proxy:
         }
 
 
-async def serve(cfg: ProxyConfig) -> int:
+async def serve(cfg: ProxyConfig, worker: int = 0) -> int:
     """Run until SIGTERM/SIGINT; then drain and return 0. A second signal stops at once."""
     loop = asyncio.get_running_loop()
+    if worker:  # one admin listener per machine: worker 0 serves it
+        cfg = cfg.model_copy(update={"admin": None})
     proxy = Proxy(cfg, loop)
     try:
         await proxy.start()
@@ -156,9 +264,19 @@ async def serve(cfg: ProxyConfig) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    if proxy.ctx.access_log is not None:
-        loop.add_signal_handler(signal.SIGUSR1, proxy.ctx.access_log.reopen)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP: config reload is not implemented yet"))
+    loop.add_signal_handler(signal.SIGUSR1, lambda: proxy.ctx.access_log and proxy.ctx.access_log.reopen())
+    def on_hup() -> None:
+        async def reload() -> None:
+            try:
+                await proxy.reload()
+            except ConfigError as exc:
+                log.error("reload refused, the running config stays:\n%s", "\n".join(exc.problems))
+            except OSError as exc:
+                log.error("reload refused, the running config stays: %s", exc)
+
+        loop.create_task(reload())
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     await proxy.stop()
     log.info("stopped")
@@ -166,9 +284,17 @@ async def serve(cfg: ProxyConfig) -> int:
 
 
 def run(cfg: ProxyConfig) -> int:
-    """Blocking entry point for `laneproxy run`."""
+    """Blocking entry point for `laneproxy run`: one process, or a supervisor and N workers."""
+    if cfg.workers > 1:
+        from laneproxy.supervisor import Supervisor
+
+        return Supervisor(cfg).run()
+    return run_worker(cfg, 0)
+
+
+def run_worker(cfg: ProxyConfig, worker: int) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
-        return asyncio.run(serve(cfg))
-    return uvloop.run(serve(cfg))
+        return asyncio.run(serve(cfg, worker))
+    return uvloop.run(serve(cfg, worker))
