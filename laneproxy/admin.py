@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -375,3 +376,14 @@ async def start_admin(proxy: Proxy) -> web.AppRunner:
     if not admin_cfg.token and not _is_loopback(host):
         log.warning("admin listens on %s without admin.token: anyone who reaches it can reload", host)
     return runner
+
+
+class _SnapshotWriter:
+    """Placeholder until worker aggregation lands: publishes nothing."""
+
+    def stop(self) -> None:
+        pass
+
+
+def start_snapshot_writer(proxy: Proxy, rundir: Path, worker: int) -> _SnapshotWriter:
+    return _SnapshotWriter()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
+from pathlib import Path
 
 from laneproxy.accesslog import AccessLog
 from laneproxy.config import ConfigError, ProxyConfig, load_config
@@ -277,7 +279,15 @@ async def serve(cfg: ProxyConfig, worker: int = 0) -> int:
         loop.create_task(reload())
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    rundir = os.environ.get("LANEPROXY_RUNDIR")
+    publisher = None
+    if rundir:  # under a supervisor: publish this worker's counters for the admin listener
+        from laneproxy.admin import start_snapshot_writer
+
+        publisher = start_snapshot_writer(proxy, Path(rundir), worker)
     await stop.wait()
+    if publisher is not None:
+        publisher.stop()
     await proxy.stop()
     log.info("stopped")
     return 0

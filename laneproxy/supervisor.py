@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
+import tempfile
 import time
 
 from laneproxy.config import ConfigError, ProxyConfig, load_config
@@ -98,6 +100,15 @@ class Supervisor:
         return dead
 
     def run(self) -> int:
+        # Workers publish their counters here; worker 0's admin listener adds them up.
+        rundir = tempfile.mkdtemp(prefix="laneproxy-")
+        os.environ["LANEPROXY_RUNDIR"] = rundir
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(rundir, ignore_errors=True)
+
+    def _run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, [*FORWARDED, signal.SIGCHLD])
         for index in range(self.cfg.workers):
             self._spawn(index)
