@@ -1,9 +1,15 @@
 """Admin: the control-plane listener (aiohttp): /metrics, /api/status, /status, /api/reload, /healthz.
 
-The admin only reads. Every number it shows is a plain attribute of the live objects (Context,
-Lane, LaneQueue, Server, Pool, Route), read when a scrape or a poll arrives; the data path has no
-hook into this module and never imports it. Lanes and routes are looked up on the proxy at each
-read, so a reload that swaps them is seen at the next scrape.
+The admin only reads. Every number it shows comes from a snapshot dict (adminstats.status_snapshot)
+of the live objects (Context, Lane, LaneQueue, Server, Pool, Route), taken when a scrape or a poll
+arrives; /api/status returns it, /status renders it and /metrics is generated from it
+(`snapshot_metrics`). The data path has no hook into this module and never imports it. Lanes and
+routes are looked up on the proxy at each read, so a reload that swaps them is seen at the next scrape.
+
+Under a supervisor (`workers: N`, env LANEPROXY_RUNDIR), only worker 0 runs the admin listener; every
+worker publishes its snapshot in the run directory and the admin answers with the sum over the
+workers (adminstats.cluster_snapshot: what is summed and what is not is described there). The
+process_* metrics stay those of the process serving the admin.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import hmac
 import ipaddress
 import json
 import logging
-import time
+import os
+import signal
 from collections.abc import Awaitable, Callable, Iterator
+from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,243 +32,156 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
-from laneproxy import __version__
 from laneproxy.admin_page import render_status_page
-from laneproxy.config import ConfigError
+from laneproxy.adminstats import (  # noqa: F401 - re-exported: server.py starts the writer from here
+    CLASSES,
+    SnapshotWriter,
+    cluster_snapshot,
+    routes_of,
+    start_snapshot_writer,
+    status_snapshot,
+)
+from laneproxy.config import ConfigError, load_config
 
 if TYPE_CHECKING:
-    from laneproxy.lane import Lane, Server
-    from laneproxy.queue import Histogram
-    from laneproxy.router import Route
     from laneproxy.server import Proxy
 
 log = logging.getLogger("laneproxy.admin")
 
-CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")  # Route.responses[1..5]; index 0 stays unused
-PRIORITY_NAMES = {0: "high", 1: "normal", 2: "low"}
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy")
+SNAPSHOT_KEY: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("snapshot")
 REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
 RELOAD_LOCK_KEY: web.AppKey[asyncio.Lock] = web.AppKey("reload_lock")
 
 
-# -- reading the live objects --------------------------------------------------------------------
+# -- Prometheus, generated from a snapshot dict ------------------------------------------------------
 
 
-def routes_of(proxy: Proxy) -> list[Route]:
-    """The router's routes in config order (the table is built from the config's list)."""
-    return list(proxy.router._table.values())
-
-
-def server_state(server: Server, now: float) -> str:
-    """'up', 'backup' (available, used when the primaries are not), or why it is not used."""
-    if server.cfg.down:
-        return "disabled"
-    if not server.health_ok:
-        return "unhealthy"
-    if server.down_until > now:
-        return "down"
-    return "backup" if server.backup else "up"
-
-
-def histogram_json(h: Histogram) -> dict[str, Any]:
-    return {"bounds": list(h.bounds), "buckets": list(h.buckets), "sum": h.sum, "count": h.count}
-
-
-def lane_json(lane: Lane, now: float) -> dict[str, Any]:
-    q = lane.queue
-    return {
-        "name": lane.name,
-        "balance": lane.cfg.balance,
-        "in_flight": lane.in_flight,
-        "limit": q.limit,
-        "queued": len(q),
-        "queue_size": q.size,
-        "queue_timeout": q.timeout,
-        "overloaded": q.overloaded,
-        "served": lane.served,
-        "shed": dict(q.shed),
-        "queue_wait": histogram_json(q.wait),
-        "upstream_time": histogram_json(lane.upstream_time),
-        "servers": [
-            {
-                "name": s.name,
-                "state": server_state(s, now),
-                "up": s.available(now),
-                "backup": s.backup,
-                "weight": s.weight,
-                "in_flight": s.in_flight,
-                "requests": s.requests,
-                "failures": s.failures,
-                "retried": s.retried,
-                "marked_down": s.marked_down,
-                "pool": s.pool.stats(),
-            }
-            for s in lane.servers
-        ],
-    }
-
-
-def status_snapshot(proxy: Proxy) -> dict[str, Any]:
-    """Everything /api/status returns (and /status renders first): one consistent read."""
-    ctx = proxy.ctx
-    now = proxy.loop.time()
-    return {
-        "time": time.time(),
-        "version": __version__,
-        "connections": len(ctx.connections),
-        "tunnels": ctx.tunnels,
-        "requests": ctx.requests,
-        "rejected_connections": ctx.rejected_connections,
-        "local_responses": {str(status): n for status, n in sorted(ctx.local_responses.items())},
-        "listen": [f"{h}:{p}" for h, p in proxy.addresses],
-        "lanes": [lane_json(lane, now) for lane in proxy.lanes.values()],
-        "routes": [
-            {
-                "prefix": r.prefix.decode("latin-1"),
-                "lane": r.lane.name,
-                "priority": PRIORITY_NAMES.get(r.priority, str(r.priority)),
-                "strip_prefix": r.strip_prefix,
-                "try_files": r.static is not None,
-                "responses": dict(zip(CLASSES, r.responses[1:6])),
-            }
-            for r in routes_of(proxy)
-        ],
-    }
-
-
-# -- Prometheus ------------------------------------------------------------------------------------
-
-
-def _histogram(name: str, doc: str, labels: list[str], families: dict[str, HistogramMetricFamily],
-               values: list[str], h: Histogram) -> None:
-    fam = families.get(name)
-    if fam is None:
-        fam = families[name] = HistogramMetricFamily(name, doc, labels=labels)
-    cumulative = h.cumulative()
-    buckets = [(_le(bound), n) for bound, n in zip(h.bounds, cumulative)]
+def _histogram(fam: HistogramMetricFamily, values: list[str], h: dict[str, Any]) -> None:
+    cumulative = list(accumulate(h["buckets"]))
+    buckets = [(floatToGoString(bound), n) for bound, n in zip(h["bounds"], cumulative)]
     buckets.append(("+Inf", cumulative[-1]))
-    fam.add_metric(values, buckets, h.sum)
+    fam.add_metric(values, buckets, h["sum"])
 
 
-def _le(bound: float) -> str:
-    return floatToGoString(bound)
+LANE_GAUGES: tuple[tuple[str, str, Callable[[dict[str, Any]], float]], ...] = (
+    ("laneproxy_lane_in_flight", "Exchanges in flight to the lane.", lambda ln: ln["in_flight"]),
+    ("laneproxy_lane_limit", "The lane's in-flight limit (0: none; with workers, the sum of their shares).",
+     lambda ln: ln["limit"]),
+    ("laneproxy_lane_queued", "Requests waiting in the lane queue.", lambda ln: ln["queued"]),
+    ("laneproxy_lane_queue_size", "Most requests that may wait in the lane queue.", lambda ln: ln["queue_size"]),
+    ("laneproxy_lane_overloaded", "1 while the lane queue is in overload mode (CoDel: newest first), in any worker.",
+     lambda ln: int(ln["overloaded"])),
+)
+SERVER_METRICS: tuple[tuple[type, str, str, Callable[[dict[str, Any]], float]], ...] = (
+    (GaugeMetricFamily, "laneproxy_server_in_flight", "Exchanges in flight to the server.", lambda s: s["in_flight"]),
+    (GaugeMetricFamily, "laneproxy_server_up",
+     "1 when the server may be picked (health, down, disabled), in any worker.", lambda s: int(s["up"])),
+    (GaugeMetricFamily, "laneproxy_server_backup", "1 for a backup server.", lambda s: int(s["backup"])),
+    (GaugeMetricFamily, "laneproxy_server_weight", "The server's balancing weight.", lambda s: s["weight"]),
+    (CounterMetricFamily, "laneproxy_server_requests", "Tries sent to the server.", lambda s: s["requests"]),
+    (CounterMetricFamily, "laneproxy_server_failures", "Failed tries (per the lane's retry_on).",
+     lambda s: s["failures"]),
+    (CounterMetricFamily, "laneproxy_server_retries", "Tries on this server that were retried elsewhere.",
+     lambda s: s["retried"]),
+    (CounterMetricFamily, "laneproxy_server_marked_down", "Times passive health took the server out.",
+     lambda s: s["marked_down"]),
+    (GaugeMetricFamily, "laneproxy_pool_idle_connections", "Idle keep-alive connections to the server.",
+     lambda s: s["pool"]["idle"]),
+    (GaugeMetricFamily, "laneproxy_pool_active_connections", "Connections to the server lent out.",
+     lambda s: s["pool"]["active"]),
+    (GaugeMetricFamily, "laneproxy_pool_connecting", "Connections to the server being opened.",
+     lambda s: s["pool"]["connecting"]),
+    (CounterMetricFamily, "laneproxy_pool_connections_created", "Connections opened to the server.",
+     lambda s: s["pool"]["created"]),
+    (CounterMetricFamily, "laneproxy_pool_connections_reused", "Exchanges that reused an idle connection.",
+     lambda s: s["pool"]["reused"]),
+)
+
+
+def snapshot_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
+    """laneproxy's metric families from one snapshot (one process's, or the sum over the workers)."""
+    yield GaugeMetricFamily("laneproxy_workers", "Worker processes whose numbers are included.",
+                            snap.get("workers", 1))
+    yield GaugeMetricFamily("laneproxy_client_connections", "Open client connections.", snap["connections"])
+    yield GaugeMetricFamily("laneproxy_tunnels", "Open Upgrade tunnels (WebSocket).", snap["tunnels"])
+    yield CounterMetricFamily("laneproxy_requests", "Requests parsed from clients.", snap["requests"])
+    yield CounterMetricFamily(
+        "laneproxy_rejected_connections", "Client connections refused at client.max_connections.",
+        snap["rejected_connections"],
+    )
+    local = CounterMetricFamily(
+        "laneproxy_local_responses", "Answers laneproxy gave itself outside any route, by status.",
+        labels=["status"],
+    )
+    for status, n in snap["local_responses"].items():
+        local.add_metric([status], n)
+    yield local
+
+    lanes = snap["lanes"]
+    for name, doc, read in LANE_GAUGES:
+        fam = GaugeMetricFamily(name, doc, labels=["lane"])
+        for lane in lanes:
+            fam.add_metric([lane["name"]], read(lane))
+        yield fam
+    served = CounterMetricFamily("laneproxy_lane_served", "Exchanges that ended on the lane.", labels=["lane"])
+    shed = CounterMetricFamily(
+        "laneproxy_lane_shed", "Requests the lane refused or dropped from its queue, by reason.",
+        labels=["lane", "reason"],
+    )
+    wait = HistogramMetricFamily("laneproxy_lane_queue_wait_seconds",
+                                 "Time requests waited for a slot (lanes with a limit).", labels=["lane"])
+    upstream = HistogramMetricFamily("laneproxy_lane_upstream_seconds",
+                                     "Time from admission to the end of the response, per exchange.", labels=["lane"])
+    for lane in lanes:
+        served.add_metric([lane["name"]], lane["served"])
+        for reason, n in lane["shed"].items():
+            shed.add_metric([lane["name"], reason], n)
+        _histogram(wait, [lane["name"]], lane["queue_wait"])
+        _histogram(upstream, [lane["name"]], lane["upstream_time"])
+    yield served
+    yield shed
+    yield wait
+    yield upstream
+
+    responses = CounterMetricFamily(
+        "laneproxy_route_responses", "Responses sent for a route, by status class.",
+        labels=["lane", "route", "class"],
+    )
+    for route in snap["routes"]:
+        for cls in CLASSES:
+            responses.add_metric([route["lane"], route["prefix"], cls], route["responses"].get(cls, 0))
+    yield responses
+
+    for kind, name, doc, read in SERVER_METRICS:
+        fam = kind(name, doc, labels=["lane", "server"])
+        for lane in lanes:
+            for server in lane["servers"]:
+                fam.add_metric([lane["name"], server["name"]], read(server))
+        yield fam
 
 
 class ProxyCollector:
-    """Yields laneproxy's metric families from the proxy's live counters at each scrape."""
+    """Yields laneproxy's metric families at each scrape, from a fresh snapshot.
 
-    def __init__(self, proxy: Proxy) -> None:
+    The snapshot is the proxy's own (`status_snapshot`) or, under a supervisor, the sum over the
+    workers (`cluster_snapshot`): the families are generated from the dict either way.
+    """
+
+    def __init__(self, proxy: Proxy, snapshot: Callable[[], dict[str, Any]] | None = None) -> None:
         self.proxy = proxy
+        self.snapshot = snapshot if snapshot is not None else lambda: status_snapshot(proxy)
 
     def describe(self) -> list[Metric]:
         return []  # names depend on nothing static; skip the registry's duplicate check
 
     def collect(self) -> Iterator[Metric]:
-        proxy = self.proxy
-        ctx = proxy.ctx
-        now = proxy.loop.time()
-
-        yield GaugeMetricFamily("laneproxy_client_connections", "Open client connections.", len(ctx.connections))
-        yield GaugeMetricFamily("laneproxy_tunnels", "Open Upgrade tunnels (WebSocket).", ctx.tunnels)
-        yield CounterMetricFamily("laneproxy_requests", "Requests parsed from clients.", ctx.requests)
-        yield CounterMetricFamily(
-            "laneproxy_rejected_connections", "Client connections refused at client.max_connections.",
-            ctx.rejected_connections,
-        )
-        local = CounterMetricFamily(
-            "laneproxy_local_responses", "Answers laneproxy gave itself outside any route, by status.",
-            labels=["status"],
-        )
-        for status, n in sorted(ctx.local_responses.items()):
-            local.add_metric([str(status)], n)
-        yield local
-
-        lanes = list(proxy.lanes.values())
-        gauges = {
-            "laneproxy_lane_in_flight": ("Exchanges in flight to the lane.", lambda ln: ln.in_flight),
-            "laneproxy_lane_limit": ("The lane's in-flight limit (0: none).", lambda ln: ln.queue.limit),
-            "laneproxy_lane_queued": ("Requests waiting in the lane queue.", lambda ln: len(ln.queue)),
-            "laneproxy_lane_queue_size": ("Most requests that may wait in the lane queue.", lambda ln: ln.queue.size),
-            "laneproxy_lane_overloaded": (
-                "1 while the lane queue is in overload mode (CoDel: newest first).",
-                lambda ln: int(ln.queue.overloaded),
-            ),
-        }
-        for name, (doc, read) in gauges.items():
-            fam = GaugeMetricFamily(name, doc, labels=["lane"])
-            for lane in lanes:
-                fam.add_metric([lane.name], read(lane))
-            yield fam
-        served = CounterMetricFamily("laneproxy_lane_served", "Exchanges that ended on the lane.", labels=["lane"])
-        shed = CounterMetricFamily(
-            "laneproxy_lane_shed", "Requests the lane refused or dropped from its queue, by reason.",
-            labels=["lane", "reason"],
-        )
-        hists: dict[str, HistogramMetricFamily] = {}
-        for lane in lanes:
-            served.add_metric([lane.name], lane.served)
-            for reason, n in lane.queue.shed.items():
-                shed.add_metric([lane.name, reason], n)
-            _histogram("laneproxy_lane_queue_wait_seconds", "Time requests waited for a slot (lanes with a limit).",
-                       ["lane"], hists, [lane.name], lane.queue.wait)
-            _histogram("laneproxy_lane_upstream_seconds",
-                       "Time from admission to the end of the response, per exchange.",
-                       ["lane"], hists, [lane.name], lane.upstream_time)
-        yield served
-        yield shed
-        yield from hists.values()
-
-        responses = CounterMetricFamily(
-            "laneproxy_route_responses", "Responses sent for a route, by status class.",
-            labels=["lane", "route", "class"],
-        )
-        for route in routes_of(proxy):
-            prefix = route.prefix.decode("latin-1")
-            for cls, n in zip(CLASSES, route.responses[1:6]):
-                responses.add_metric([route.lane.name, prefix, cls], n)
-        yield responses
-
-        yield from self._servers(lanes, now)
-
-    @staticmethod
-    def _servers(lanes: list[Lane], now: float) -> Iterator[Metric]:
-        labels = ["lane", "server"]
-        table: list[tuple[type, str, str, Callable[[Server], float]]] = [
-            (GaugeMetricFamily, "laneproxy_server_in_flight", "Exchanges in flight to the server.",
-             lambda s: s.in_flight),
-            (GaugeMetricFamily, "laneproxy_server_up", "1 when the server may be picked (health, down, disabled).",
-             lambda s: int(s.available(now))),
-            (GaugeMetricFamily, "laneproxy_server_backup", "1 for a backup server.", lambda s: int(s.backup)),
-            (GaugeMetricFamily, "laneproxy_server_weight", "The server's balancing weight.", lambda s: s.weight),
-            (CounterMetricFamily, "laneproxy_server_requests", "Tries sent to the server.", lambda s: s.requests),
-            (CounterMetricFamily, "laneproxy_server_failures", "Failed tries (per the lane's retry_on).",
-             lambda s: s.failures),
-            (CounterMetricFamily, "laneproxy_server_retries", "Tries on this server that were retried elsewhere.",
-             lambda s: s.retried),
-            (CounterMetricFamily, "laneproxy_server_marked_down", "Times passive health took the server out.",
-             lambda s: s.marked_down),
-            (GaugeMetricFamily, "laneproxy_pool_idle_connections", "Idle keep-alive connections to the server.",
-             lambda s: s.pool.idle),
-            (GaugeMetricFamily, "laneproxy_pool_active_connections", "Connections to the server lent out.",
-             lambda s: s.pool.active),
-            (GaugeMetricFamily, "laneproxy_pool_connecting", "Connections to the server being opened.",
-             lambda s: s.pool.connecting),
-            (CounterMetricFamily, "laneproxy_pool_connections_created", "Connections opened to the server.",
-             lambda s: s.pool.created),
-            (CounterMetricFamily, "laneproxy_pool_connections_reused", "Exchanges that reused an idle connection.",
-             lambda s: s.pool.reused),
-        ]
-        for kind, name, doc, read in table:
-            fam = kind(name, doc, labels=labels)
-            for lane in lanes:
-                for server in lane.servers:
-                    fam.add_metric([lane.name, server.name], read(server))
-            yield fam
+        yield from snapshot_metrics(self.snapshot())
 
 
-def make_registry(proxy: Proxy) -> CollectorRegistry:
+def make_registry(proxy: Proxy, snapshot: Callable[[], dict[str, Any]] | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(proxy))  # type: ignore[arg-type]
+    registry.register(ProxyCollector(proxy, snapshot))  # type: ignore[arg-type]
     ProcessCollector(namespace="laneproxy", registry=registry)  # memory, CPU, fds: read from /proc at scrape
     return registry
 
@@ -302,11 +223,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def api_status(request: web.Request) -> web.Response:
-    return web.json_response(status_snapshot(request.app[PROXY_KEY]), headers={"Cache-Control": "no-store"})
+    return web.json_response(request.app[SNAPSHOT_KEY](), headers={"Cache-Control": "no-store"})
 
 
 async def status_page(request: web.Request) -> web.Response:
-    html = render_status_page(status_snapshot(request.app[PROXY_KEY]))
+    html = render_status_page(request.app[SNAPSHOT_KEY]())
     return web.Response(text=html, content_type="text/html", headers={
         "Cache-Control": "no-store",
         # Nothing leaves the page: inline style and script only, fetches to this origin only.
@@ -322,6 +243,15 @@ async def api_reload(request: web.Request) -> web.Response:
     if reload is None:
         return web.json_response({"ok": False, "error": "reload is not available"}, status=501)
     async with request.app[RELOAD_LOCK_KEY]:  # one reload at a time
+        if os.environ.get("LANEPROXY_RUNDIR") and proxy.cfg.path is not None:
+            # Under the supervisor: check the file here, then let the supervisor have every worker
+            # reload it (it validates again and forwards SIGHUP).
+            try:
+                load_config(proxy.cfg.path)
+            except ConfigError as exc:
+                return web.json_response({"ok": False, "problems": list(exc.problems)}, status=400)
+            os.kill(os.getppid(), signal.SIGHUP)
+            return web.json_response({"ok": True, "workers": "signalled"})
         try:
             result = await reload()
         except ConfigError as exc:
@@ -333,13 +263,29 @@ async def api_reload(request: web.Request) -> web.Response:
     return web.json_response(body, dumps=lambda obj: json.dumps(obj, default=str))
 
 
-def build_admin_app(proxy: Proxy) -> web.Application:
-    """The admin application over one proxy (tests serve it with aiohttp_client)."""
+def snapshot_source(
+    proxy: Proxy, rundir: Path | None = None, worker: int | None = None,
+) -> Callable[[], dict[str, Any]]:
+    """What the admin reads at each request: the proxy's own snapshot, or, when a run directory is
+    given (default: env LANEPROXY_RUNDIR, set by the supervisor), the sum over the workers."""
+    if rundir is None and os.environ.get("LANEPROXY_RUNDIR"):
+        rundir = Path(os.environ["LANEPROXY_RUNDIR"])
+    if rundir is None:
+        return lambda: status_snapshot(proxy)
+    if worker is None:
+        worker = int(os.environ.get("LANEPROXY_WORKER", "0") or 0)
+    return lambda: cluster_snapshot(proxy, rundir, worker)
+
+
+def build_admin_app(proxy: Proxy, rundir: Path | None = None) -> web.Application:
+    """The admin application over one proxy (tests serve it with aiohttp_client); see snapshot_source."""
     admin_cfg = proxy.cfg.admin
     token = admin_cfg.token if admin_cfg is not None else None
     app = web.Application(middlewares=[_auth_middleware(token)])
+    snapshot = snapshot_source(proxy, rundir)
     app[PROXY_KEY] = proxy
-    app[REGISTRY_KEY] = make_registry(proxy)
+    app[SNAPSHOT_KEY] = snapshot
+    app[REGISTRY_KEY] = make_registry(proxy, snapshot)
     app[RELOAD_LOCK_KEY] = asyncio.Lock()
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
@@ -376,14 +322,3 @@ async def start_admin(proxy: Proxy) -> web.AppRunner:
     if not admin_cfg.token and not _is_loopback(host):
         log.warning("admin listens on %s without admin.token: anyone who reaches it can reload", host)
     return runner
-
-
-class _SnapshotWriter:
-    """Placeholder until worker aggregation lands: publishes nothing."""
-
-    def stop(self) -> None:
-        pass
-
-
-def start_snapshot_writer(proxy: Proxy, rundir: Path, worker: int) -> _SnapshotWriter:
-    return _SnapshotWriter()

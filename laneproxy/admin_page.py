@@ -425,6 +425,9 @@ def render_status_page(snap: dict[str, Any]) -> str:
     local = sum(snap["local_responses"].values())
     listen = ", ".join(snap.get("listen", []))
     listening = f"<span>proxy on {escape(listen)}</span>" if listen else ""
+    workers = snap.get("workers", 1)
+    if workers > 1:  # the numbers are the sum over the worker processes
+        listening += f"<span>{_num(workers)} workers</span>"
     return "".join((
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'

@@ -27,6 +27,7 @@ from laneproxy.http1 import (
     H_UPGRADE,
     H_XFF,
     REQUEST_SPECIAL,
+    ChunkLineGuard,
     error_response,
     split_tokens,
 )
@@ -36,7 +37,6 @@ from laneproxy.tunnel import Tunnel
 
 MAX_FIELD_LINE = 8 * 1024  # one header line (nginx large_client_header_buffers 8k)
 LINGER_SECONDS = 5.0  # after an error answer, read and drop for at most this long, then close
-MAX_CHUNK_LINE = 1024 + 20  # chunk size, 1 KiB of extensions, CRLF (per chunk, approximately)
 
 
 class Context:
@@ -108,11 +108,11 @@ class DownstreamProtocol(asyncio.Protocol):
         self.last_offer: Exchange | None = None
         self.peer_eof = False
         self.parse_dead = False
+        self.unread = False  # client bytes we will not read may be queued (close with lingering)
         self._starting = False
         self.in_head = False
         self.head_bytes = 0
-        self.chunk_events = 0
-        self.chunk_line_bytes = 0
+        self.chunk_guard: ChunkLineGuard | None = None  # bounds chunk extensions of the current body
         self._drain_waiter: asyncio.Future[None] | None = None
         self.idle_deadline = Deadline(self.loop, self._on_idle_timeout)
         self.read_deadline = Deadline(self.loop, self._on_read_timeout)
@@ -169,10 +169,31 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.lingering or self.parse_dead:
             return
         self.idle_deadline.clear()
-        cur = self.current
-        chunked = cur is not None and cur.body_kind == BODY_CHUNKED
-        if chunked:  # account chunk-size lines (extensions are never forwarded, but bounded)
-            body0, events0, fields0 = cur.body_seen, self.chunk_events, self.header_bytes  # type: ignore[union-attr]
+        if self.current is None and not self.in_head and data[:1] in b"\r\n":
+            # httptools skips stray CR/LF before a request line; only whole empty lines are allowed.
+            stripped = data.lstrip(b"\r\n")
+            if data[: len(data) - len(stripped)].replace(b"\r\n", b""):
+                self._request_error(BadRequest("bare CR or LF before the request line"))
+                return
+        guard = self.chunk_guard
+        if guard is not None and self.current is not None:
+            if not guard.feed(data):
+                self._request_error(BadRequest("chunk extensions too long"))
+                return
+        elif self.current is None and (b"hunked" in data or b"HUNKED" in data):
+            # A chunked request may start its body in this read: parse the head first, so the
+            # guard sees the body from its first byte.
+            end = data.find(b"\r\n\r\n")
+            if 0 <= end < len(data) - 4:
+                self._feed(data[: end + 4])
+                if self.current is not None and self.current.body_kind == BODY_CHUNKED and not self.parse_dead:
+                    self.data_received(data[end + 4 :])
+                elif not self.parse_dead and not self.is_closed:
+                    self._feed(data[end + 4 :])
+                return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -201,17 +222,11 @@ class DownstreamProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if self.current is None and not self.in_head and str(exc).startswith("Data after"):
                 self.parse_dead = True  # bytes after `Connection: close`: answer, then close
+                self.unread = True
                 return
             self._request_error(BadRequest(f"malformed request ({exc})"))
             return
         ctx = self.ctx
-        if chunked and self.current is cur:
-            events = self.chunk_events - events0
-            framing = len(data) - (cur.body_seen - body0) - (self.header_bytes - fields0)  # type: ignore[union-attr]
-            self.chunk_line_bytes = (self.chunk_line_bytes if not events else 0) + framing - 2 * events
-            if self.chunk_line_bytes > (events or 1) * (MAX_CHUNK_LINE + 2):
-                self._request_error(BadRequest("chunk extensions too long"))
-                return
         if self.in_head:
             self.head_bytes += len(data)
             if self.head_bytes > ctx.max_head_bytes:
@@ -224,18 +239,25 @@ class DownstreamProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
             return self.tunnel.downstream_eof()
-        if self.current is not None or self.in_head:
-            # FIN in the middle of a request is an abort (a3 rule 8).
+        active = self.active
+        if active is None or active is self.current:
+            # Idle, or a FIN in the middle of the request being served: an abort (a3 rule 8).
             return None
-        if self.active is not None and self.active.queued:
+        if active.queued:
             return None  # gave up while waiting in the lane queue (HAProxy abortonclose): never sent
-        if self.active is not None:
-            # FIN after a complete request: deliver the responses, then close.
-            self.peer_eof = True
-            self.closing = True
-            self.parse_dead = True
-            return True
-        return None
+        # FIN after a complete request: deliver the responses of the complete requests, then close.
+        # A request cut short by the FIN (its head or body incomplete) is dropped, not answered.
+        incomplete = self.current
+        if incomplete is not None:
+            self.current = None
+            if incomplete in self.queue:
+                self.queue.remove(incomplete)
+            incomplete.abort()
+        self.in_head = False
+        self.peer_eof = True
+        self.closing = True
+        self.parse_dead = True
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_closed = True
@@ -314,7 +336,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.gate.open(UPGRADE)
         if lingering or not ex.keep_alive:
             # Linger only when unread client bytes may be queued (they would turn close into RST).
-            self.close(lingering=lingering or self.parse_dead or self.in_head or self.current is not None)
+            self.close(lingering=lingering or self.unread or self.in_head or self.current is not None)
             return
         if self._starting:
             return  # the loop in _start_next goes on
@@ -331,10 +353,12 @@ class DownstreamProtocol(asyncio.Protocol):
                 ex.start()
         finally:
             self._starting = False
+        if self.active is not None and not self.queue and not self.is_closed:
+            self.gate.open(PIPELINE)  # the request now served may still be receiving its body
         if self.active is None and not self.is_closed:
             if self.closing or self.ctx.closing:
                 if self.current is None and not self.in_head:
-                    self.close(lingering=self.parse_dead)
+                    self.close(lingering=self.unread)
                 return
             self.gate.open(PIPELINE)
             if self.current is None and not self.in_head:
@@ -395,6 +419,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self.headers.append(b"%s: %s\r\n" % (name, value.rstrip(b" \t")))
             return
         value = value.strip(b" \t")
+        if not value.isascii():  # obs-text is opaque data, never part of framing or routing
+            raise BadRequest(f"non-ASCII bytes in {name.decode('latin-1')}")
         if kind == H_HOST:
             if self.host is not None:
                 self.deferred = BadRequest("more than one Host field")
@@ -419,6 +445,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.read_deadline.clear()
         ex = build_exchange(self)
         self.current = ex
+        self.chunk_guard = ChunkLineGuard() if ex.body_kind == BODY_CHUNKED else None
         if self.active is None and not self.queue:
             self.active = ex
             self._starting = True
@@ -431,9 +458,6 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             self.queue.append(ex)
             self.gate.close(PIPELINE)
-
-    def on_chunk_header(self) -> None:
-        self.chunk_events += 1
 
     def on_body(self, body: bytes) -> None:
         self.current.on_request_body(body)  # type: ignore[union-attr]
@@ -452,6 +476,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def _request_error(self, err: ProxyError) -> None:
         """The parser stopped on a bad request: answer it in turn, then close."""
         self.parse_dead = True
+        self.unread = True  # the rest of what the client sent is never read: linger on close
         self.in_head = False
         self.gate.close(DRAINING)
         ex = self.current

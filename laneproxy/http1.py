@@ -159,3 +159,51 @@ def error_response(status: int, reason: str, *, close: bool, extra: bytes = b"",
 
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class ChunkLineGuard:
+    """Bounds the chunk-size lines (size + extensions) of one chunked request body.
+
+    httptools does not expose chunk extensions; laneproxy never forwards them, but refuses more
+    than `MAX_CHUNK_EXT` bytes of them per chunk (RFC 9112 §7.1.1). The guard follows the body's
+    framing from the raw bytes (already validated by llhttp, so it only needs the sizes).
+    """
+
+    __slots__ = ("skip", "line", "head", "done")
+    MAX_LINE = 1024 + 32  # 1 KiB of extensions plus the hex size and CRLF
+
+    def __init__(self) -> None:
+        self.skip = 0  # chunk data + CRLF still to pass over
+        self.line = 0  # bytes of the current size line so far
+        self.head = b""  # its first bytes (the size)
+        self.done = False  # the last chunk was seen: trailers follow (bounded as header fields)
+
+    def feed(self, data: bytes) -> bool:
+        """False when a chunk-size line is over the limit."""
+        i, n = 0, len(data)
+        while i < n and not self.done:
+            if self.skip:
+                step = min(self.skip, n - i)
+                self.skip -= step
+                i += step
+                continue
+            j = data.find(b"\n", i)
+            end = n if j == -1 else j + 1
+            if len(self.head) < 24:
+                self.head += data[i:min(end, i + 24)]
+            self.line += end - i
+            if self.line > self.MAX_LINE:
+                return False
+            if j == -1:
+                return True
+            try:
+                size = int(self.head.split(b";", 1)[0].strip(b" \t\r\n"), 16)
+            except ValueError:
+                return True  # llhttp rejects it with its own error
+            self.line, self.head = 0, b""
+            if size == 0:
+                self.done = True
+            else:
+                self.skip = size + 2
+            i = end
+        return True

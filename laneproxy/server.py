@@ -282,7 +282,7 @@ async def serve(cfg: ProxyConfig, worker: int = 0) -> int:
     rundir = os.environ.get("LANEPROXY_RUNDIR")
     publisher = None
     if rundir:  # under a supervisor: publish this worker's counters for the admin listener
-        from laneproxy.admin import start_snapshot_writer
+        from laneproxy.adminstats import start_snapshot_writer
 
         publisher = start_snapshot_writer(proxy, Path(rundir), worker)
     await stop.wait()

@@ -62,7 +62,8 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def _reset_response(self) -> None:
         self.status = 0
-        self.head_bytes = 0
+        self.head_bytes = 0  # raw bytes read while the head is incomplete
+        self.field_bytes = 0  # header field bytes of this response
         self.reason = b""
         self.headers: list[bytes] = []
         self.content_length: int | None = None
@@ -96,12 +97,8 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         self.last_read = self.loop.time()
         self.got_bytes = True
-        if self.mode == -1:  # still in the response head: bound it (httptools has no limit)
+        if self.mode == -1:
             self.head_bytes += len(data)
-            if self.head_bytes > MAX_RESPONSE_HEAD:
-                self.broken = True
-                ex.upstream_failed(UpstreamProtocolError("upstream response header section too large"))
-                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -128,6 +125,10 @@ class UpstreamProtocol(asyncio.Protocol):
         if self.exchange is ex:
             if self.done:
                 ex.on_response_complete()
+            elif self.mode == -1 and self.head_bytes > MAX_RESPONSE_HEAD:
+                # Still no end of the response head: bound it (httptools itself has no limit).
+                self.broken = True
+                ex.upstream_failed(UpstreamProtocolError("upstream response header section too large"))
             elif ex.out:
                 ex.flush()
 
@@ -247,6 +248,9 @@ class UpstreamProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.done:
             return
+        self.field_bytes += len(name) + len(value) + 4
+        if self.field_bytes > MAX_RESPONSE_HEAD:
+            raise UpstreamProtocolError("upstream response header section too large")
         # Only names as long as a special one need lowering (Server, Date, Content-Type do not).
         kind = RESPONSE_SPECIAL.get(name.lower()) if len(name) in _SPECIAL_LENGTHS else None
         if kind is None:
