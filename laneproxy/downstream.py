@@ -92,7 +92,6 @@ class DownstreamProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = b"-"
         self.trusted = False
-        self.local_host = b""
         self.fwd_fixed = b""
         self.active: Exchange | None = None
         self.tunnel: Tunnel | None = None
@@ -151,13 +150,18 @@ class DownstreamProtocol(asyncio.Protocol):
         ip = peer[0] if isinstance(peer, tuple) else "unix"
         self.peer_ip = ip.encode()
         self.trusted = ctx.is_trusted(ip)
-        sock = transport.get_extra_info("sockname")
-        if isinstance(sock, tuple):
-            host = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
-            self.local_host = f"{host}:{sock[1]}".encode()
         self.fwd_fixed = b"X-Real-IP: %s\r\nX-Forwarded-Proto: http\r\n" % self.peer_ip
         # Before the first byte, the header timeout applies (nginx client_header_timeout).
         self.idle_deadline.set(self.loop.time() + ctx.header_timeout)
+
+    @property
+    def local_host(self) -> bytes:
+        """This listener's address as a Host value (HTTP/1.0 requests without Host)."""
+        sock = self.transport.get_extra_info("sockname")
+        if not isinstance(sock, tuple):
+            return b"localhost"
+        host = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
+        return f"{host}:{sock[1]}".encode()
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
