@@ -173,7 +173,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.lingering or self.parse_dead:
             return
         self.idle_deadline.clear()
-        if self.current is None and not self.in_head and data[:1] in b"\r\n":
+        if data[0] in (13, 10) and self.current is None and not self.in_head:
             # httptools skips stray CR/LF before a request line; only whole empty lines are allowed.
             stripped = data.lstrip(b"\r\n")
             if data[: len(data) - len(stripped)].replace(b"\r\n", b""):

@@ -493,12 +493,16 @@ class Exchange:
         up = self.up
         if up is None:
             return
-        self._server_done()
+        if self.server_busy:
+            self.server_busy = False
+            up.server.in_flight -= 1
         self.up = None
         up.exchange = None
-        up.read_deadline.clear()
-        up.gate.open(PEER_BUSY)  # an idle connection must keep reading to see EOF
-        self.down.gate.open(PEER_BUSY)  # no resume_writing will come from a released upstream
+        up.read_deadline.when = 0.0  # Deadline.clear(), inlined on the hot path
+        if up.gate.reasons:
+            up.gate.open(PEER_BUSY)  # an idle connection must keep reading to see EOF
+        if self.down.gate.reasons:
+            self.down.gate.open(PEER_BUSY)  # no resume_writing will come from a released upstream
         server = up.server
         server.pool.release(up, reusable)
         up.is_idle = reusable and not up.is_closed
@@ -537,7 +541,8 @@ class Exchange:
         return found
 
     def _finish(self, lingering: bool = False) -> None:
-        self._log()
+        if self.down.ctx.access_log is not None:
+            self._log()
         route = self.route
         if route is not None:
             route.responses[self.status // 100 if self.status < 600 else 5] += 1
