@@ -23,6 +23,19 @@ FLUSH_BYTES = 64 * 1024
 FLUSH_SECONDS = 1.0
 
 
+def fields_of(ex: Exchange, *names: bytes) -> list[str | None]:
+    """Values of request fields by lower-case name (first of each)."""
+    found: list[str | None] = [None] * len(names)
+    for line in ex.fields:
+        name, _, value = line[:-2].partition(b": ")
+        name = name.lower()
+        if name in names:
+            i = names.index(name)
+            if found[i] is None:
+                found[i] = value.decode("latin-1")
+    return found
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds:.3f}"
 
@@ -101,7 +114,7 @@ class AccessLog:
     def fields(ex: Exchange, end: float) -> dict[str, object]:
         started = ex.started or end
         up = ex.server is not None and ex.started
-        fields = ex.fields_of(b"referer", b"user-agent")
+        fields = fields_of(ex, b"referer", b"user-agent")
         return {
             "client": ex.down.peer_ip.decode(),
             "method": ex.method.decode("latin-1"),

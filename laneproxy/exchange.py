@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from laneproxy.errors import BodyTooLarge, ConnectFailed, LaneBusy, ProxyError, UpstreamStatus, UpstreamTimeout
-from laneproxy.flow import CONNECTING, PEER_BUSY, UPGRADE
+from laneproxy.flow import CONNECTING, PEER_BUSY
 from laneproxy.http1 import CONTINUE_100, CRLF, REASON, STATUS_LINE, error_response, status_line
 from laneproxy.queue import FULL, QUEUED
-from laneproxy.tunnel import Tunnel
+from laneproxy.tunnel import Tunnel, open_tunnel
 from laneproxy.upstream import LENGTH, NO_BODY, UpstreamProtocol
 
 if TYPE_CHECKING:
@@ -432,23 +432,14 @@ class Exchange:
 
     def start_tunnel(self, up: UpstreamProtocol, rest: bytes) -> None:
         """The upstream switched protocols as asked: relay its 101, then bytes both ways."""
-        down = self.down
         self.status = 101
-        head = [status_line(101, up.reason), *up.headers, b"Connection: upgrade\r\nUpgrade: ", up.upgrade, b"\r\n\r\n"]
-        self.out.append(b"".join(head))  # type: ignore[arg-type]
+        self.out.append(b"".join([status_line(101, up.reason), *up.headers, b"Connection: upgrade\r\nUpgrade: ",
+                                  up.upgrade or b"", b"\r\n\r\n"]))
         if rest:
             self.out.append(rest)  # bytes the upstream sent right after its 101
         self.flush()
         self.resp = RESP_HEAD_SENT
-        up.read_deadline.cancel()
-        tunnel = Tunnel(self, down, up, self.lane.cfg.tunnel_idle_timeout)  # type: ignore[union-attr]
-        self.tunnel = up.tunnel = down.tunnel = tunnel
-        down.upgrade_wait = None
-        down.ctx.tunnels += 1
-        early, self.early = self.early, []
-        if early:  # bytes the client pipelined with its handshake, in order
-            up.transport.write(b"".join(early))
-        down.gate.open(UPGRADE)
+        self.tunnel = open_tunnel(self, self.down, up)
         if not self.lane.cfg.limit_streams and self.counted:  # type: ignore[union-attr]
             self.counted = False
             self.lane.in_flight -= 1  # type: ignore[union-attr]
@@ -527,18 +518,6 @@ class Exchange:
         if access_log is not None and not self.logged:
             self.logged = True
             access_log.log(self, self.down.loop.time())
-
-    def fields_of(self, *names: bytes) -> list[str | None]:
-        """Values of request fields by lower-case name (first of each), for the access log."""
-        found: list[str | None] = [None] * len(names)
-        for line in self.fields:
-            name, _, value = line[:-2].partition(b": ")
-            name = name.lower()
-            if name in names:
-                i = names.index(name)
-                if found[i] is None:
-                    found[i] = value.decode("latin-1")
-        return found
 
     def _finish(self, lingering: bool = False) -> None:
         if self.down.ctx.access_log is not None:

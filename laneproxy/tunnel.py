@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from laneproxy.flow import Deadline
+from laneproxy.flow import UPGRADE, Deadline
 
 if TYPE_CHECKING:
     from laneproxy.downstream import DownstreamProtocol
@@ -100,3 +100,17 @@ class Tunnel:
 
     def __repr__(self) -> str:
         return f"<Tunnel eof_down={self.eof_down} eof_up={self.eof_up} closed={self.closed}>"
+
+
+def open_tunnel(exchange: Exchange, down: DownstreamProtocol, up: UpstreamProtocol) -> Tunnel:
+    """Switch both connections of `exchange` to raw bytes (its 101 is already written)."""
+    up.read_deadline.cancel()
+    tunnel = Tunnel(exchange, down, up, exchange.lane.cfg.tunnel_idle_timeout)  # type: ignore[union-attr]
+    up.tunnel = down.tunnel = tunnel
+    down.upgrade_wait = None
+    down.ctx.tunnels += 1
+    early, exchange.early = exchange.early, []
+    if early:  # bytes the client pipelined with its handshake, in order
+        up.transport.write(b"".join(early))
+    down.gate.open(UPGRADE)
+    return tunnel
