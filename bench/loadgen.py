@@ -1,10 +1,12 @@
-"""The load: wrk with a generated lua script, and an asyncio client that holds idle connections."""
+"""The load: wrk with a generated lua script, the WebSocket ping-pong client (bench/wsload.py), and an
+asyncio client that holds idle connections."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,25 @@ def run_wrk(
         max_ms=raw["max_us"] / 1000,
         mean_ms=raw["mean_us"] / 1000,
         raw=raw,
+    )
+
+
+def run_ws(url: str, connections: int, duration: int, core: int) -> WrkResult:
+    """`bench/wsload.py client` pinned to `core`: round trips reported as requests (a WrkResult)."""
+    script = Path(__file__).resolve().parent / "wsload.py"
+    python = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
+    argv = [
+        "taskset", "-c", str(core), str(python if python.exists() else sys.executable), str(script), "client",
+        "--url", url, "--connections", str(connections), "--duration", str(duration),
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wsload client failed ({proc.returncode}): {proc.stderr[-800:]}")
+    raw = json.loads(proc.stdout.strip().splitlines()[-1])
+    return WrkResult(
+        requests=raw["round_trips"], bytes=raw["bytes"], duration_s=raw["duration_s"],
+        non_2xx=raw["failed_handshakes"], socket_errors=raw["broken"], p50_ms=raw["p50_ms"],
+        p90_ms=raw["p90_ms"], p99_ms=raw["p99_ms"], max_ms=raw["max_ms"], mean_ms=raw["mean_ms"], raw=raw,
     )
 
 

@@ -35,10 +35,11 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(root: int) -> float:
-    """utime + stime, summed over the process tree (each process's figure covers all its threads)."""
+def cpu_seconds(root: int, tree: bool = True) -> float:
+    """utime + stime, summed over the process tree (each process's figure covers all its threads);
+    of `root` alone when `tree` is false."""
     ticks = 0
-    for pid in process_tree(root):
+    for pid in process_tree(root) if tree else [root]:
         fields = _stat_fields(pid)
         if fields is not None:
             ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)

@@ -7,6 +7,7 @@ proxy the same routes with the same limits; the naive aiohttp proxy gets the `/`
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -31,17 +32,21 @@ def venv_python() -> str:
 
 # --- the laneproxy YAML ---------------------------------------------------------------------------
 
-def bench_yaml(port: int, upstream: str) -> str:
-    """listen 127.0.0.1:PORT, one lane `bench` -> the upstream, route `/`.
+def bench_yaml(
+    port: int, upstream: str, workers: int = 1, access_log: Path | None = None, try_files_root: Path | None = None,
+) -> str:
+    """listen 127.0.0.1:PORT, one lane `bench` -> the upstream, route `/` (with try_files from
+    `try_files_root` when given); `workers` processes; an access log file when given.
 
     Keep-alive request caps are raised on both sides (as in any proxy benchmark) so that the
     keep-alive scenarios measure keep-alive for every proxy; the translation carries them over.
     """
+    route = f"\n    try_files: true\n    root: {json.dumps(str(try_files_root))}" if try_files_root else ""
     return f"""\
 version: 1
 listen: "127.0.0.1:{port}"
-workers: 1
-access_log: off
+workers: {workers}
+access_log: {json.dumps(str(access_log)) if access_log else "off"}
 client:
   keepalive_timeout: 75s
   keepalive_requests: 1000000
@@ -58,7 +63,7 @@ lanes:
     max_body: 1m
 routes:
   - prefix: /
-    lane: bench
+    lane: bench{route}
 """
 
 
@@ -111,6 +116,9 @@ class Lane:
     read_timeout_ms: int = 60_000
     send_timeout_ms: int = 60_000
     max_body: int = 1024 * 1024
+    limit: int = 0  # laneproxy's in-flight cap; nginx `max_conns` (only when asked), HAProxy `maxconn`
+    queue: int = 0
+    queue_timeout_ms: int = 30_000
 
 
 @dataclass
@@ -118,6 +126,7 @@ class Route:
     prefix: str
     lane: str
     strip_prefix: bool = False
+    root: str | None = None  # set when the route has try_files: serve root + path when it is a file
 
 
 @dataclass
@@ -131,6 +140,7 @@ class ProxySetup:
     keepalive_timeout_ms: int = 75_000
     keepalive_requests: int = 1000
     max_connections: int = 10000
+    workers: int = 1
 
     def routes_longest_first(self) -> list[Route]:
         return sorted(self.routes, key=lambda r: -len(r.prefix))
@@ -152,18 +162,20 @@ def read_setup(text: str) -> ProxySetup:
             ("read_timeout", "read_timeout_ms", duration_ms),
             ("send_timeout", "send_timeout_ms", duration_ms),
             ("max_body", "max_body", size_bytes),
+            ("limit", "limit", int),
+            ("queue", "queue", int),
+            ("queue_timeout", "queue_timeout_ms", duration_ms),
         ):
             if key in spec:
                 setattr(lane, attr, conv(spec[key]))
-        if spec.get("limit"):
-            raise ValueError(f"lane {name}: `limit` has no translation here; the benchmark uses none")
         lanes[name] = lane
     routes = []
     for spec in doc["routes"]:
-        if spec.get("try_files"):
-            raise ValueError(f"route {spec['prefix']}: try_files has no translation here")
-        routes.append(Route(spec["prefix"], spec["lane"], bool(spec.get("strip_prefix", False))))
-    setup = ProxySetup(listen=listeners, lanes=lanes, routes=routes)
+        root = str(spec.get("root") or doc.get("root", "./public")) if spec.get("try_files") else None
+        if root is not None and not Path(root).is_absolute():
+            raise ValueError(f"route {spec['prefix']}: the benchmark writes absolute roots only")
+        routes.append(Route(spec["prefix"], spec["lane"], bool(spec.get("strip_prefix", False)), root))
+    setup = ProxySetup(listen=listeners, lanes=lanes, routes=routes, workers=int(doc.get("workers", 1)))
     for key, attr, conv in (
         ("header_timeout", "header_timeout_ms", duration_ms),
         ("body_timeout", "body_timeout_ms", duration_ms),
@@ -179,8 +191,13 @@ def read_setup(text: str) -> ProxySetup:
 
 # --- nginx ------------------------------------------------------------------------------------------
 
-def nginx_conf(setup: ProxySetup, prefix: Path) -> str:
-    """nginx, 1 worker, no access log: `upstream { keepalive }` per lane, a prefix `location` per route.
+def nginx_conf(setup: ProxySetup, prefix: Path, max_conns: bool = False, websocket: bool = False) -> str:
+    """nginx, `workers` workers (1 by default), no access log: `upstream { keepalive }` per lane, a prefix
+    `location` per route (with `root` + `try_files $uri @route_N` when the route has try_files).
+
+    `max_conns`: a lane's `limit` becomes `max_conns=N` on its servers (nginx OSS cannot queue: a
+    request over it gets 502 at once); without it lane limits are not translated (the seed page's
+    config). `websocket`: `Upgrade $http_upgrade` and `Connection "upgrade"` instead of `Connection ""`.
 
     Upstream requests are HTTP/1.1 with `Connection ""` (reused connections) and carry the headers
     laneproxy adds (Host as received, X-Real-IP, X-Forwarded-For/-Proto/-Host, Via). Responses are
@@ -189,7 +206,7 @@ def nginx_conf(setup: ProxySetup, prefix: Path) -> str:
     spooled to a temp file and stalls on delayed ACKs: ~1.4k req/s instead of ~38k).
     """
     out = [
-        nginx_user_line() + "worker_processes 1;",
+        nginx_user_line() + f"worker_processes {setup.workers};",
         f"worker_rlimit_nofile {2 * setup.max_connections + 2048};",
         "daemon off;",
         f"pid {prefix}/nginx.pid;",
@@ -207,7 +224,10 @@ def nginx_conf(setup: ProxySetup, prefix: Path) -> str:
         f"    keepalive_timeout {setup.keepalive_timeout_ms}ms;",
         f"    keepalive_requests {setup.keepalive_requests};",
         "    proxy_http_version 1.1;",
-        '    proxy_set_header Connection "";',
+        *(
+            ["    proxy_set_header Upgrade $http_upgrade;", '    proxy_set_header Connection "upgrade";']
+            if websocket else ['    proxy_set_header Connection "";']
+        ),
         "    proxy_set_header Host $http_host;",
         "    proxy_set_header X-Real-IP $remote_addr;",
         "    proxy_set_header X-Forwarded-For $remote_addr;",
@@ -220,7 +240,8 @@ def nginx_conf(setup: ProxySetup, prefix: Path) -> str:
     ]
     for lane in setup.lanes.values():
         out.append(f"    upstream lane_{lane.name} {{")
-        out += [f"        server {_addr(h, p)};" for h, p in lane.servers]
+        cap = f" max_conns={lane.limit}" if max_conns and lane.limit else ""
+        out += [f"        server {_addr(h, p)}{cap};" for h, p in lane.servers]
         out += [
             f"        keepalive {lane.keepalive};",
             f"        keepalive_timeout {lane.keepalive_timeout_ms}ms;",
@@ -229,9 +250,19 @@ def nginx_conf(setup: ProxySetup, prefix: Path) -> str:
         ]
     out.append("    server {")
     out += [f"        listen {_addr(h, p)} backlog=511;" for h, p in setup.listen]
-    for route in setup.routes_longest_first():
+    for index, route in enumerate(setup.routes_longest_first()):
         lane = setup.lanes[route.lane]
-        out.append(f"        location {route.prefix} {{")
+        if route.root is not None:
+            out += [
+                f"        location {route.prefix} {{",
+                f"            root {route.root};",
+                "            default_type application/octet-stream;",
+                "            sendfile on;",
+                "            tcp_nopush on;",
+                f"            try_files $uri @route_{index};",
+                "        }",
+            ]
+        out.append(f"        location {route.prefix if route.root is None else f'@route_{index}'} {{")
         if route.strip_prefix:
             stripped = re.escape(route.prefix.rstrip("/"))
             out.append(f"            rewrite ^{stripped}/?(.*)$ /$1 break;")
@@ -252,11 +283,16 @@ def nginx_conf(setup: ProxySetup, prefix: Path) -> str:
 # --- HAProxy ----------------------------------------------------------------------------------------
 
 def haproxy_conf(setup: ProxySetup) -> str:
-    """HAProxy, `nbthread 1`, mode http with keep-alive both ways and `http-reuse always`."""
+    """HAProxy, `nbthread` = workers (1 by default), mode http with keep-alive both ways and
+    `http-reuse always`. A lane's `limit`/`queue`/`queue_timeout` become the server's `maxconn` and
+    `maxqueue` and the backend's `timeout queue`, with `option abortonclose` (a queued request whose
+    client has gone is dropped, not sent). HAProxy serves no files: try_files routes are refused."""
+    if any(route.root is not None for route in setup.routes):
+        raise ValueError("HAProxy does not serve files: try_files routes have no translation")
     client_timeout = max(setup.body_timeout_ms, setup.send_timeout_ms)
     out = [
         "global",
-        "    nbthread 1",
+        f"    nbthread {setup.workers}",
         f"    maxconn {setup.max_connections}",
         "",
         "defaults",
@@ -302,10 +338,14 @@ def haproxy_conf(setup: ProxySetup) -> str:
             f"    timeout connect {lane.connect_timeout_ms}ms",
             f"    timeout server {lane.read_timeout_ms}ms",
         ]
+        cap = ""
+        if lane.limit:
+            out += [f"    timeout queue {lane.queue_timeout_ms}ms", "    option abortonclose"]
+            cap = f" maxconn {lane.limit} maxqueue {lane.queue}"
         for i, (host, port) in enumerate(lane.servers):
             out.append(
                 f"    server s{i} {_addr(host, port)} pool-max-conn {lane.keepalive} "
-                f"pool-purge-delay {lane.keepalive_timeout_ms}ms max-reuse {lane.keepalive_requests}"
+                f"pool-purge-delay {lane.keepalive_timeout_ms}ms max-reuse {lane.keepalive_requests}{cap}"
             )
         out.append("")
     out += [
@@ -330,8 +370,12 @@ class Proxy:
         return self.service.pid
 
 
-def start_proxy(name: str, workdir: Path, yaml_path: Path, core: int, timeout: float = 15.0) -> Proxy:
-    """Write the proxy's config (translated from `yaml_path`) into `workdir` and start it on `core`."""
+def start_proxy(
+    name: str, workdir: Path, yaml_path: Path, core: int, timeout: float = 15.0,
+    max_conns: bool = False, websocket: bool = False,
+) -> Proxy:
+    """Write the proxy's config (translated from `yaml_path`) into `workdir` and start it on `core`
+    `max_conns` and `websocket` are nginx options (see `nginx_conf`)."""
     setup = read_setup(yaml_path.read_text())
     host, port = setup.listen[0]
     workdir.mkdir(parents=True, exist_ok=True)
@@ -341,13 +385,15 @@ def start_proxy(name: str, workdir: Path, yaml_path: Path, core: int, timeout: f
         marker = LANEPROXY_READY
     elif name == "nginx":
         conf = workdir / "nginx.conf"
-        conf.write_text(nginx_conf(setup, workdir))
+        conf.write_text(nginx_conf(setup, workdir, max_conns=max_conns, websocket=websocket))
         argv = ["nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")]
     elif name == "haproxy":
         conf = workdir / "haproxy.cfg"
         conf.write_text(haproxy_conf(setup))
         argv = ["haproxy", "-db", "-f", str(conf)]
     elif name == "aiohttp":
+        if any(route.root is not None for route in setup.routes):
+            raise ValueError("the naive aiohttp proxy serves no files: try_files has no translation")
         root = next(r for r in setup.routes if r.prefix == "/")
         up_host, up_port = setup.lanes[root.lane].servers[0]
         argv = [

@@ -77,7 +77,8 @@ def results_table(rows: list[Row]) -> str:
     lines = [head, "|" + "---|" * 13]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.scenario} | {r.proxy} | failed: {r.error} |" + " |" * 10)
+            text = r.error if r.error.startswith("skipped:") else f"failed: {r.error}"
+            lines.append(f"| {r.scenario} | {r.proxy} | {text} |" + " |" * 10)
             continue
         rss = "" if r.rss_per_conn_kib is None else f"{r.rss_per_conn_kib:.2f}"
         if r.idle_held is not None and r.idle_held < r.extra.get("idle_wanted", r.idle_held):
@@ -132,6 +133,51 @@ def ratio_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _pair(rows: list[Row], proxy: str, base: str, other: str) -> tuple[Row, Row] | None:
+    found = {r.scenario: r for r in rows if r.proxy == proxy and not r.error and r.scenario in (base, other)}
+    return (found[base], found[other]) if len(found) == 2 else None
+
+
+def derived_table(rows: list[Row]) -> str:
+    """Figures that compare two scenarios of one proxy, and the soak verdict."""
+    lines = []
+    proxies = list(dict.fromkeys(r.proxy for r in rows))
+    compare = (
+        ("tryfiles_miss", "try_files miss (the file check before proxying)"),
+        ("accesslog", "access log on (target: within 10 %, i.e. ≥ 0.90)"),
+        ("workers", "workers 2, on the same single core"),
+    )
+    for scenario, what in compare:
+        for proxy in proxies:
+            pair = _pair(rows, proxy, "small", scenario)
+            if pair is None:
+                continue
+            base, other = pair
+            note = ""
+            if scenario == "workers":
+                note = f"; CPU s per process {other.extra.get('cpu_s_per_process')}"
+            lines.append(
+                f"| {what} | {proxy} | {_num(base.req_per_cpu)} → {_num(other.req_per_cpu)} "
+                f"| {_ratio(other.req_per_cpu, base.req_per_cpu)} | {_ratio(other.rps, base.rps)} "
+                f"| {base.p99_ms:.2f} → {other.p99_ms:.2f}{note} |"
+            )
+    for r in rows:
+        if r.scenario == "soak" and not r.error:
+            errors = r.non_2xx + r.socket_errors
+            lines.append(
+                f"| soak: upstream closes idle keep-alive after 2 s | {r.proxy} | {r.requests:,} requests "
+                f"| {'zero errors' if errors == 0 else f'**{errors} errors**'} | | p99 {r.p99_ms:.2f} |"
+            )
+    if not lines:
+        return ""
+    head = [
+        "| against `small` (same proxy, same run) | proxy | req per CPU-s: small → this | per CPU-s ratio "
+        "| req/s ratio | p99 ms: small → this |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + lines)
+
+
 def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     lines = [
         f"Command: `{meta['command']}`",
@@ -155,6 +201,9 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         ratio_table(rows),
         "",
     ]
+    derived = derived_table(rows)
+    if derived:
+        lines += [derived, ""]
     return "\n".join(lines)
 
 
@@ -183,7 +232,7 @@ def write_png(rows: list[Row], path: Path) -> str | None:
     proxies = list(dict.fromkeys(r.proxy for r in rows))
     ratios = ratio_rows(rows)
     others = [p for p in proxies if p != BASELINE]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8), constrained_layout=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(10, 1.1 * len(scenarios)), 8), constrained_layout=True)
     width = 0.8 / max(1, len(others))
     for i, proxy in enumerate(others):
         values = []

@@ -24,59 +24,65 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from loadgen import IdleConnections, lua_script, run_wrk
-from procfs import cpu_seconds, machine_busy_seconds, rss_kib
-from proxies import PROXIES, Proxy, bench_yaml, start_proxy
+from loadgen import IdleConnections, WrkResult, lua_script, run_wrk, run_ws
+from procfs import cpu_seconds, machine_busy_seconds, process_tree, rss_kib
+from proxies import PROXIES, Proxy, bench_yaml, start_proxy, venv_python
 from report import Row, markdown, write_json, write_png
-from service import ServiceError, free_port
-from upstream import EXPECTED_LENGTH, Upstream, start_upstream
+from scenarios import ALIASES, IDLE_CONNECTIONS, SCENARIOS, STATIC_FILES, UPLOAD_SIZE, Scenario
+from service import Service, ServiceError, free_port
+from upstream import EXPECTED_LENGTH, SMALL_BODY, Upstream, start_upstream
+from wsload import READY as WS_READY
 
 BENCH_DIR = Path(__file__).resolve().parent
 TOOLS = ("nginx", "haproxy", "wrk", "taskset")
 INSTALL_HINT = "apt-get install -y nginx haproxy wrk"
-UPLOAD_SIZE = 16 * 1024
-IDLE_CONNECTIONS = 1000
 
 
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    path: str
-    connections: int
-    lua: str  # wrk request setup; the shared done() is appended
-    about: str
-    idle_rss: bool = False
+@dataclass
+class Upstreams:
+    """What the proxies talk to: the upstream nginx (and its soak server), the WebSocket echo server
+    (started only for the websocket scenario), and the try_files root with the static files."""
+
+    main: Upstream
+    static_root: Path
+    ws: Service | None = None
+    ws_port: int = 0
+
+    def address(self, scenario: Scenario) -> str:
+        if scenario.upstream == "soak":
+            return self.main.soak_address
+        if scenario.upstream == "ws":
+            return f"127.0.0.1:{self.ws_port}"
+        return self.main.address
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.main.service.pid] + ([self.ws.pid] if self.ws is not None else [])
 
 
-SCENARIOS = {
-    s.name: s
-    for s in (
-        Scenario("small", "/small", 64, "", "keep-alive GET, 12-byte body, 64 connections"),
-        Scenario("large", "/large", 64, "", "keep-alive GET, 1 MiB body, 64 connections"),
-        Scenario(
-            "upload", "/upload", 64,
-            f'wrk.method = "POST"\nwrk.body = string.rep("a", {UPLOAD_SIZE})\n'
-            'wrk.headers["Content-Type"] = "application/octet-stream"',
-            "keep-alive POST of a 16 KiB body, 64 connections",
-        ),
-        Scenario(
-            "conns", "/small", IDLE_CONNECTIONS, "",
-            "1,000 concurrent keep-alive connections; RSS per idle connection", idle_rss=True,
-        ),
-        Scenario(
-            "fresh", "/small", 64, 'wrk.headers["Connection"] = "close"',
-            "a new client connection per request (Connection: close), 64 at a time",
-        ),
-        Scenario("chunked", "/chunked", 64, "", "keep-alive GET, 64 KiB chunked upstream response"),
-    )
-}
+def start_upstreams(tmp: Path, args: argparse.Namespace) -> Upstreams:
+    main = start_upstream(tmp / "upstream", free_port(), args.load_core, tmp)
+    check_upstream(main)
+    root = tmp / "static"
+    root.mkdir()
+    for path, size in STATIC_FILES.items():
+        (root / path.lstrip("/")).write_bytes(os.urandom(size))
+    ups = Upstreams(main, root)
+    if any(SCENARIOS[name].upstream == "ws" for name in args.scenarios):
+        ups.ws_port = free_port()
+        ups.ws = Service("ws-echo", [venv_python(), str(BENCH_DIR / "wsload.py"), "serve", "--port",
+                                     str(ups.ws_port)], tmp, core=args.load_core)
+        ups.ws.start("127.0.0.1", ups.ws_port, ready_marker=WS_READY)
+    return ups
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 s runs after 1 s warm-up (about 1.5 minutes)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of %(default)s")
+    parser.add_argument("--quick", action="store_true", help="2 s runs after 1 s warm-up (about 3 minutes)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma list of %(default)s (`static` = static4k,static1m)")
     parser.add_argument("--proxies", default=",".join(PROXIES), help="comma list of %(default)s")
     parser.add_argument("--duration", type=int, help="measured seconds per run (default 10; quick 2)")
     parser.add_argument("--warmup", type=int, help="warm-up seconds per run, 0 for none (default 2; quick 1)")
@@ -87,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="default %(default)s")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     args = parser.parse_args(argv)
-    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args.scenarios = [n for s in args.scenarios.split(",") if s for n in ALIASES.get(s, (s,))]
     args.proxies = [p for p in args.proxies.split(",") if p]
     for name in args.scenarios:
         if name not in SCENARIOS:
@@ -132,16 +138,26 @@ def check_upstream(up: Upstream) -> None:
             raise SystemExit(f"upstream {path}: status {status}, {len(data)} bytes (want 200, {length})")
         if path == "/chunked" and headers.get("transfer-encoding") != "chunked":
             raise SystemExit(f"upstream /chunked is not chunked: {headers}")
+    status, _, data = fetch("127.0.0.1", up.soak_port, "/small")
+    if status != 200 or data != SMALL_BODY:
+        raise SystemExit(f"soak upstream /small: status {status}, {data!r}")
 
 
-def preflight(proxy: Proxy, scenario: Scenario) -> str | None:
-    """One request through the proxy; the reason it is wrong, or None."""
+def preflight(proxy: Proxy, scenario: Scenario, args: argparse.Namespace) -> str | None:
+    """One exchange through the proxy (a WebSocket echo for the websocket scenario); what is wrong, or None."""
+    if scenario.kind == "websocket":
+        try:
+            result = run_ws(f"ws://{proxy.host}:{proxy.port}{scenario.path}", 1, 1, args.load_core)
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            return f"pre-flight WebSocket echo failed: {str(exc)[:200]}"
+        return None if result.requests else f"pre-flight WebSocket echo: no echo ({result.raw})"
     body = b"a" * UPLOAD_SIZE if scenario.name == "upload" else None
     try:
         status, _, data = fetch(proxy.host, proxy.port, scenario.path, body)
     except (OSError, http.client.HTTPException) as exc:
         return f"pre-flight request failed: {exc!r}"
-    want = EXPECTED_LENGTH[scenario.path]
+    want = STATIC_FILES.get(scenario.path) if scenario.try_files else None
+    want = want or EXPECTED_LENGTH[scenario.path]
     if status != 200 or len(data) != want:
         return f"pre-flight {scenario.path}: status {status}, {len(data)} bytes (want 200, {want})"
     return None
@@ -171,15 +187,16 @@ class Accounting:
     "other CPU", the sign that a row was measured on a machine that was not quiet.
     """
 
-    def __init__(self, proxy_pid: int, upstream_pid: int) -> None:
-        self.proxy_pid, self.upstream_pid = proxy_pid, upstream_pid
+    def __init__(self, proxy_pid: int, *upstream_pids: int) -> None:
+        self.proxy_pid, self.upstream_pids = proxy_pid, upstream_pids
         self.start = self._sample()
 
     def _sample(self) -> tuple[float, float, float, float]:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         me = resource.getrusage(resource.RUSAGE_SELF)
         ours = children.ru_utime + children.ru_stime + me.ru_utime + me.ru_stime
-        return cpu_seconds(self.proxy_pid), cpu_seconds(self.upstream_pid), ours, machine_busy_seconds()
+        upstreams = sum(cpu_seconds(pid) for pid in self.upstream_pids)
+        return cpu_seconds(self.proxy_pid), upstreams, ours, machine_busy_seconds()
 
     def done(self) -> tuple[float, float]:
         """(proxy CPU seconds, other CPU seconds) since construction."""
@@ -188,39 +205,68 @@ class Accounting:
         return proxy, max(0.0, busy - proxy - upstream - ours)
 
 
-def measure(scenario: Scenario, name: str, args: argparse.Namespace, upstream: Upstream, tmp: Path) -> Row:
+def proxy_yaml(scenario: Scenario, ups: Upstreams, workdir: Path) -> Path:
+    yaml_path = workdir / "laneproxy.yaml"
+    yaml_path.write_text(bench_yaml(
+        free_port(), ups.address(scenario), workers=scenario.workers,
+        access_log=workdir / "access.log" if scenario.access_log else None,
+        try_files_root=ups.static_root if scenario.try_files else None,
+    ))
+    return yaml_path
+
+
+def run_load(scenario: Scenario, proxy: Proxy, script: Path, seconds: int, core: int) -> WrkResult:
+    if scenario.kind == "websocket":
+        return run_ws(f"ws://{proxy.host}:{proxy.port}{scenario.path}", scenario.connections, seconds, core)
+    return run_wrk(f"http://{proxy.host}:{proxy.port}{scenario.path}", script, scenario.connections, seconds, core)
+
+
+def measure(scenario: Scenario, name: str, args: argparse.Namespace, ups: Upstreams, tmp: Path) -> Row:
+    if scenario.proxies is not None and name not in scenario.proxies:
+        return Row(scenario.name, name, error=f"skipped: {name} {scenario.skip_why}")
     workdir = tmp / f"{scenario.name}-{name}"
     workdir.mkdir(parents=True)
-    yaml_path = workdir / "laneproxy.yaml"
-    yaml_path.write_text(bench_yaml(free_port(), upstream.address))
+    yaml_path = proxy_yaml(scenario, ups, workdir)
     script = workdir / "wrk.lua"
     script.write_text(lua_script(scenario.lua))
     try:
-        proxy = start_proxy(name, workdir, yaml_path, args.proxy_core)
+        proxy = start_proxy(name, workdir, yaml_path, args.proxy_core, websocket=scenario.kind == "websocket")
     except (ServiceError, OSError, ValueError) as exc:
         log(f"  {name}: could not start: {exc}")
+        if scenario.workers > 1 and name == "laneproxy":
+            return Row(scenario.name, name, error=f"skipped: `workers: {scenario.workers}` does not start yet")
         return Row(scenario.name, name, error="did not start (log in the logs/ folder of the results)")
+    duration = args.duration
+    if scenario.duration is not None:
+        duration = scenario.duration[1 if args.quick else 0]
     try:
-        problem = preflight(proxy, scenario)
+        if scenario.workers > 1 and name == "laneproxy" and len(process_tree(proxy.pid)) < scenario.workers:
+            why = f"skipped: `workers: {scenario.workers}` runs one process (not implemented yet)"
+            log(f"  {name}: {why}")
+            return Row(scenario.name, name, error=why)
+        problem = preflight(proxy, scenario, args)
         if problem:
             log(f"  {name}: {problem}")
             return Row(scenario.name, name, error=problem)
         rss, held = None, None
         if scenario.idle_rss:  # before the warm-up, so that its pools are not already grown
             rss, held = asyncio.run(idle_rss_per_conn(proxy, "/small", IDLE_CONNECTIONS))
-        url = f"http://{proxy.host}:{proxy.port}{scenario.path}"
-        if args.warmup > 0:
-            run_wrk(url, script, scenario.connections, args.warmup, args.load_core)
-        ours = Accounting(proxy.pid, upstream.service.pid)
-        result = run_wrk(url, script, scenario.connections, args.duration, args.load_core)
+        if args.warmup > 0 and scenario.warmup:
+            run_load(scenario, proxy, script, args.warmup, args.load_core)
+        procs = process_tree(proxy.pid)
+        per_process = {pid: cpu_seconds(pid, tree=False) for pid in procs}
+        ours = Accounting(proxy.pid, *ups.pids)
+        result = run_load(scenario, proxy, script, duration, args.load_core)
         cpu_s, other_s = ours.done()
+        per_process = {pid: round(cpu_seconds(pid, tree=False) - cpu, 2) for pid, cpu in per_process.items()}
         if not proxy.service.alive():
             return Row(scenario.name, name, error="proxy died during the run")
         return Row(
             scenario.name, name, requests=result.requests, duration_s=result.duration_s,
             bytes=result.bytes, cpu_s=cpu_s, other_cpu_s=other_s, p50_ms=result.p50_ms, p99_ms=result.p99_ms,
             non_2xx=result.non_2xx, socket_errors=result.socket_errors, rss_per_conn_kib=rss,
-            idle_held=held, extra={"wrk": result.raw, "idle_wanted": IDLE_CONNECTIONS},
+            idle_held=held, extra={"wrk": result.raw, "idle_wanted": IDLE_CONNECTIONS,
+                                   "cpu_s_per_process": list(per_process.values())},
         )
     except (RuntimeError, subprocess.SubprocessError) as exc:
         log(f"  {name}: {exc}")
@@ -231,7 +277,7 @@ def measure(scenario: Scenario, name: str, args: argparse.Namespace, upstream: U
 
 # --- the run ----------------------------------------------------------------------------------------
 
-def machine_meta(args: argparse.Namespace, argv: list[str]) -> dict[str, object]:
+def machine_meta(args: argparse.Namespace, argv: list[str], script: str = "bench/run.py") -> dict[str, Any]:
     model = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -247,7 +293,7 @@ def machine_meta(args: argparse.Namespace, argv: list[str]) -> dict[str, object]
 
     rev = version(["git", "-C", str(BENCH_DIR.parent), "describe", "--always", "--dirty"])
     return {
-        "command": shlex.join(["python", "bench/run.py", *argv]),
+        "command": shlex.join(["python", script, *argv]),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": os.cpu_count(),
         "cpu_model": model,
@@ -303,7 +349,7 @@ def save_artifacts(tmp: Path, dest: Path) -> None:
             shutil.copy(found[0], dest / "configs" / name)
     (dest / "logs").mkdir(exist_ok=True)
     for path in tmp.rglob("*.log"):
-        if path.stat().st_size:
+        if path.stat().st_size and path.name != "access.log":  # the accesslog scenario's: megabytes
             shutil.copy(path, dest / "logs" / "-".join(path.relative_to(tmp).parts))
 
 
@@ -322,17 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tmp = Path(tempfile.mkdtemp(prefix="laneproxy-bench-"))
     all_rows: list[Row] = []
-    upstream: Upstream | None = None
+    ups: Upstreams | None = None
     started = time.monotonic()
     try:
-        upstream = start_upstream(tmp / "upstream", free_port(), args.load_core, tmp)
-        check_upstream(upstream)
+        ups = start_upstreams(tmp, args)
         for round_no in range(1, args.repeat + 1):
             for scenario_name in args.scenarios:
                 scenario = SCENARIOS[scenario_name]
                 log(f"{scenario.name}: {scenario.about}" + (f" (round {round_no})" if args.repeat > 1 else ""))
                 for name in args.proxies:
-                    row = measure(scenario, name, args, upstream, tmp / f"round{round_no}")
+                    row = measure(scenario, name, args, ups, tmp / f"round{round_no}")
                     if not row.error:
                         log(f"  {name:9} {row.rps:>10,.0f} req/s  {row.req_per_cpu:>10,.0f} req/CPU-s  "
                             f"p99 {row.p99_ms:.2f} ms  errors {row.non_2xx}+{row.socket_errors}")
@@ -341,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted; reporting what was measured")
         meta["interrupted"] = True
     finally:
-        if upstream is not None:
-            upstream.service.stop()
+        if ups is not None:
+            ups.main.service.stop()
+            if ups.ws is not None:
+                ups.ws.stop()
         save_artifacts(tmp, out)
         if args.keep_tmp:
             log(f"kept {tmp}")

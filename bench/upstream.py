@@ -11,6 +11,11 @@
                   (`mirror_request_body on`, the mirror subrequest goes to an internal 204); the static
                   handler then refuses POST with 405, which `error_page 405 =200 @ok` turns into
                   `200 "ok\\n"`. Unlike a bare `return 200`, this answers only after the body is read.
+
+A second server on `soak_port` answers every GET with the same 12 bytes as `/small` but closes a
+kept-alive connection after 2 s idle (`keepalive_timeout 2s`), like gunicorn: the upstream of the
+`soak` scenario, where a proxy that reuses a connection just as the upstream closes it must not
+hand the client an error.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from service import Service
+from service import Service, free_port
 
 SMALL_BODY = b"hello world\n"
 LARGE_SIZE = 1024 * 1024
@@ -88,6 +93,14 @@ http {{
             return 200 "ok\\n";
         }}
     }}
+    server {{
+        listen 127.0.0.1:{soak_port} backlog=4096;
+        keepalive_timeout 2s;
+        location / {{
+            default_type text/plain;
+            return 200 "hello world\\n";
+        }}
+    }}
 }}
 """
 
@@ -102,10 +115,15 @@ class Upstream:
     prefix: Path
     port: int
     service: Service
+    soak_port: int = 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def soak_address(self) -> str:
+        return f"127.0.0.1:{self.soak_port}"
 
 
 def write_files(prefix: Path) -> None:
@@ -118,12 +136,13 @@ def write_files(prefix: Path) -> None:
     (www / "upload").write_bytes(b"")  # exists so that the static handler answers POST with 405
 
 
-def start_upstream(prefix: Path, port: int, core: int, log_dir: Path) -> Upstream:
+def start_upstream(prefix: Path, port: int, core: int, log_dir: Path, soak_port: int | None = None) -> Upstream:
     prefix.mkdir(parents=True, exist_ok=True)
     write_files(prefix)
     conf = prefix / "nginx.conf"
-    conf.write_text(_CONF.format(user=nginx_user_line(), prefix=prefix, port=port))
+    soak_port = soak_port or free_port()
+    conf.write_text(_CONF.format(user=nginx_user_line(), prefix=prefix, port=port, soak_port=soak_port))
     argv = ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
     service = Service("upstream-nginx", argv, log_dir, core=core)
     service.start("127.0.0.1", port)
-    return Upstream(prefix=prefix, port=port, service=service)
+    return Upstream(prefix=prefix, port=port, service=service, soak_port=soak_port)
