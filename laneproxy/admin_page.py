@@ -13,7 +13,10 @@ import json
 from html import escape
 from typing import Any
 
-SHED_LABELS = (("full", "full"), ("overload", "overload"), ("timeout", "timeout"), ("codel", "codel"), ("client_gone", "client gone"))
+SHED_LABELS = (
+    ("full", "full"), ("overload", "overload"), ("timeout", "timeout"), ("codel", "codel"),
+    ("client_gone", "client gone"),
+)
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 SERVER_HEAD = (
     '<tr><th>Server</th><th class="l">Health</th><th>In flight</th><th>Requests</th><th>Fails</th>'
