@@ -517,7 +517,10 @@ class Exchange:
         access_log = self.down.ctx.access_log
         if access_log is not None and not self.logged:
             self.logged = True
-            access_log.log(self, self.down.loop.time())
+            try:
+                access_log.log(self, self.down.loop.time())
+            except Exception:  # a logging fault must never break the exchange it describes
+                log.exception("access log")
 
     def _finish(self, lingering: bool = False) -> None:
         if self.down.ctx.access_log is not None:
