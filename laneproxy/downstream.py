@@ -61,6 +61,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.lingering = False
         self.last_offer: Exchange | None = None
         self.peer_eof = False
+        self.host_ok: bytes | None = None  # the last Host value that passed validation here
         self.parse_dead = False
         self.unread = False  # client bytes we will not read may be queued (close with lingering)
         self._starting = False

@@ -54,7 +54,8 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
             raise BadRequest("missing Host")
         out_host = down.local_host
     else:
-        out_host = check_host(host)
+        out_host = host if host == down.host_ok else check_host(host)
+        down.host_ok = out_host  # a keep-alive client repeats its Host: validate it once
     te = down.te
     if te is not None:
         if not http11:

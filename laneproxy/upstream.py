@@ -63,7 +63,6 @@ class UpstreamProtocol(asyncio.Protocol):
     def _reset_response(self) -> None:
         self.status = 0
         self.head_bytes = 0  # raw bytes read while the head is incomplete
-        self.field_bytes = 0  # header field bytes of this response
         self.reason = b""
         self.headers: list[bytes] = []
         self.content_length: int | None = None
@@ -248,9 +247,6 @@ class UpstreamProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.done:
             return
-        self.field_bytes += len(name) + len(value) + 4
-        if self.field_bytes > MAX_RESPONSE_HEAD:
-            raise UpstreamProtocolError("upstream response header section too large")
         # Only names as long as a special one need lowering (Server, Date, Content-Type do not).
         kind = RESPONSE_SPECIAL.get(name.lower()) if len(name) in _SPECIAL_LENGTHS else None
         if kind is None:
@@ -290,6 +286,8 @@ class UpstreamProtocol(asyncio.Protocol):
             self.content_length = None
             self.te = self.conn_tokens = None
             return
+        if sum(map(len, self.headers)) > MAX_RESPONSE_HEAD:  # a whole oversized head in one read
+            raise UpstreamProtocolError("upstream response header section too large")
         self.keep_alive = self.parser.should_keep_alive()
         if self.conn_tokens and self.conn_tokens != [b"keep-alive"]:
             self._drop_connection_named()
