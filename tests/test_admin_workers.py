@@ -25,8 +25,8 @@ from laneproxy.adminstats import (
     worker_file,
 )
 from tests.conftest import exchange, make_config
+from tests.process import spawn_proxy, stop_proxy
 from tests.test_admin import scrape, until, value
-from tests.test_e2e_backpressure import spawn_proxy, stop_proxy
 from tests.test_e2e_workers import free_port
 
 GET = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n"

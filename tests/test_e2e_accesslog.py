@@ -9,7 +9,7 @@ import re
 import signal
 
 from tests.conftest import exchange, make_config
-from tests.test_e2e_backpressure import spawn_proxy, stop_proxy
+from tests.process import spawn_proxy, stop_proxy
 
 
 async def test_json_lines_carry_every_field(start_proxy, upstream, tmp_path):

@@ -11,7 +11,7 @@ import yaml
 from laneproxy.config import ConfigError, load_config
 from laneproxy.server import Proxy
 from tests.conftest import exchange, make_config, open_client, read_response
-from tests.test_e2e_backpressure import spawn_proxy, stop_proxy
+from tests.process import spawn_proxy, stop_proxy
 
 GET = b"GET /%s HTTP/1.1\r\nHost: t\r\n\r\n"
 

@@ -12,7 +12,7 @@ import resource
 import pytest
 
 from tests.conftest import make_config, open_client, read_response
-from tests.test_e2e_backpressure import spawn_proxy, stop_proxy
+from tests.process import spawn_proxy, stop_proxy
 
 SLOW = int(__import__("os").environ.get("SLOWLORIS", "2000"))
 pytestmark = pytest.mark.timeout(90)

@@ -5,11 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
-import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +17,7 @@ from laneproxy.config import parse_config
 from laneproxy.server import Proxy
 from laneproxy.static_http import parse_http_date
 from tests.conftest import exchange, make_config, open_client, read_response
+from tests.process import rss_bytes, spawn_proxy, stop_proxy
 
 MiB = 1024 * 1024
 SECRET = b"TOP-SECRET-42-outside-root"
@@ -446,41 +443,6 @@ def test_stdlib_asyncio_loop_uses_loop_sendfile(site, big, monkeypatch):
     assert status == 200 and body == data
     assert pstatus == 206 and pbody == data[5:70005]
     assert calls == [(0, len(data)), (5, 70000)]
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-async def spawn_proxy(tmp_path: Path, cfg: dict) -> tuple[subprocess.Popen, int]:
-    """`python -m laneproxy run` in its own process, so its RSS is its own."""
-    path = tmp_path / "laneproxy.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    log = tmp_path / "proxy.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "laneproxy", "run", "-c", str(path)], stderr=err)
-    for _ in range(300):  # bounded: 15 s
-        m = re.search(r"listening on http://[^:]+:(\d+)", log.read_text())
-        if m:
-            return proc, int(m.group(1))
-        if proc.poll() is not None:
-            raise AssertionError(f"proxy exited {proc.returncode}: {log.read_text()}")
-        await asyncio.sleep(0.05)
-    proc.kill()
-    raise AssertionError("proxy did not start")
-
-
-async def stop_proxy(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return await asyncio.wait_for(asyncio.to_thread(proc.wait), 15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.timeout(60)

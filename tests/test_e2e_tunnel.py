@@ -17,7 +17,7 @@ from aiohttp import web
 from websockets.asyncio.client import connect
 
 from tests.conftest import make_config, open_client, read_response
-from tests.test_e2e_backpressure import rss_bytes, spawn_proxy, stop_proxy
+from tests.process import rss_bytes, spawn_proxy, stop_proxy
 
 MiB = 1024 * 1024
 

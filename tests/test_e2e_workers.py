@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import exchange, make_config
-from tests.test_e2e_backpressure import spawn_proxy, stop_proxy
+from tests.process import spawn_proxy, stop_proxy
 
 GET = b"GET /%s HTTP/1.1\r\nHost: t\r\n\r\n"
 pytestmark = pytest.mark.timeout(60)
