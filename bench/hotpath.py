@@ -2,7 +2,7 @@
 
 The downstream and a pooled upstream protocol run on in-memory transports, so what is measured
 is laneproxy's own work per exchange (parsing callbacks, routing, head building, relaying), not
-the kernel's. Usage: python bench/hotpath.py [N] [--profile]
+the kernel's. Usage: python bench/hotpath.py [N] [--profile] [--access-log]
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ async def main(n: int, profile: bool) -> None:
     )
     up, up_t = pair.pooled_upstream()
     down_t = pair.down_t
+    if "--access-log" in sys.argv:  # the combined access log, written to /dev/null
+        from laneproxy.accesslog import AccessLog
+
+        pair.ctx.access_log = AccessLog("/dev/null", "combined", Path("/"), asyncio.get_running_loop())
 
     def one() -> None:
         pair.send(REQUEST)

@@ -59,6 +59,7 @@ class AccessLog:
         self._sec = -1
         self._stamp = ""
         self._stamp_b = b""
+        self._stamp_next = 0.0  # loop time at which the current second's stamp expires
         self.lines = 0
         self.open()
 
@@ -172,23 +173,27 @@ class AccessLog:
         """The common line (a proxied exchange), formatted as bytes in one step: the log stays cheap."""
         referer = user_agent = b"-"
         for line in ex.fields:  # the request's forwarded fields, "Name: value\r\n"
-            first = line[:1]
-            if first in b"Rr" and line[:8].lower() == b"referer:":
+            first = line[0] | 0x20  # lower-case ASCII letter
+            if first == 0x72 and line[:8].lower() == b"referer:":  # r
                 referer = line[9:-2]
-            elif first in b"Uu" and line[:11].lower() == b"user-agent:":
+            elif first == 0x75 and line[:11].lower() == b"user-agent:":  # u
                 user_agent = line[12:-2]
         started = ex.started
         down = ex.down
         return _COMBINED % (
-            down.peer_ip, self._now_b(), ex.method, ex.target, b"HTTP/1.1" if down.http11 else b"HTTP/1.0",
+            down.peer_ip, self._now_b(end), ex.method, ex.target, b"HTTP/1.1" if down.http11 else b"HTTP/1.0",
             ex.status or 499, ex.bytes_out, referer, user_agent, end - ex.t0,
-            ex.lane.name.encode(), ex.route.prefix,  # type: ignore[union-attr]
-            ex.server.name.encode(),  # type: ignore[union-attr]
+            ex.lane.name_b, ex.route.prefix,  # type: ignore[union-attr]
+            ex.server.name_b,  # type: ignore[union-attr]
             b"%.3f" % (ex.t_conn - started) if ex.t_conn else b"-",
             b"%.3f" % (ex.t_head - started) if ex.t_head else b"-",
             end - started, started - ex.t0, max(ex.tries - 1, 0),
         )
 
-    def _now_b(self) -> bytes:
-        self._now()
+    def _now_b(self, loop_now: float) -> bytes:
+        """The stamp for this second; the wall clock is read only when a new second starts."""
+        if loop_now >= self._stamp_next:
+            wall = time.time()
+            self._now()
+            self._stamp_next = loop_now + (1.0 - wall % 1.0)
         return self._stamp_b

@@ -23,7 +23,7 @@ class Server:
     """One upstream endpoint of a lane: its pool, passive and active health, counters."""
 
     __slots__ = (
-        "host", "port", "name", "cfg", "pool", "weight", "backup", "in_flight", "current_weight",
+        "host", "port", "name", "name_b", "cfg", "pool", "weight", "backup", "in_flight", "current_weight",
         "fails", "fail_window_start", "down_until", "health_ok", "requests", "failures", "retried",
         "marked_down",
     )
@@ -31,6 +31,7 @@ class Server:
     def __init__(self, scfg: ServerConfig, cfg: LaneConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.host, self.port = scfg.address
         self.name = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        self.name_b = self.name.encode()  # for the access log
         self.cfg = scfg
         self.pool = Pool(self.name, cfg.keepalive, cfg.keepalive_timeout, cfg.keepalive_requests, loop)
         self.weight = scfg.weight
@@ -59,6 +60,7 @@ class Lane:
 
     def __init__(self, name: str, cfg: LaneConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.name = name
+        self.name_b = name.encode()  # for the access log
         self.cfg = cfg
         self.loop = loop
         self.servers = [Server(s, cfg, loop) for s in cfg.servers]
