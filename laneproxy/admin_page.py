@@ -13,10 +13,7 @@ import json
 from html import escape
 from typing import Any
 
-SHED_LABELS = (
-    ("full", "full"), ("overload", "overload"), ("timeout", "timeout"), ("codel", "codel"),
-    ("client_gone", "client gone"),
-)
+SHED_LABELS = (("full", "full"), ("timeout", "timeout"), ("codel", "codel"), ("client_gone", "client gone"))
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 SERVER_HEAD = (
     '<tr><th>Server</th><th class="l">Health</th><th>In flight</th><th>Requests</th><th>Fails</th>'
@@ -99,8 +96,7 @@ SCRIPT = r"""
 "use strict";
 (function () {
   const WINDOW = 5, KEEP = 61, PERIOD = 1000;
-  const SHED = [["full", "full"], ["overload", "overload"], ["timeout", "timeout"], ["codel", "codel"],
-                ["client_gone", "client gone"]];
+  const SHED = [["full", "full"], ["timeout", "timeout"], ["codel", "codel"], ["client_gone", "client gone"]];
   const CLASSES = ["1xx", "2xx", "3xx", "4xx", "5xx"];
   const HEAD = '<table><thead><tr><th>Server</th><th class="l">Health</th><th>In flight</th><th>Requests</th>' +
     '<th>Fails</th><th>Retries</th><th title="pooled upstream connections: active / idle">Pool a/i</th></tr>' +

@@ -42,10 +42,6 @@ RPCs of milliseconds, a lane of 200 ms requests needs more); interval = min(20 *
 at least target: RFC 8289's 20:1 ratio, but short enough that CoDel takes over before FIFO
 waiters start timing out.
 
-Rule 8. While overloaded, the queue holds at most what the lane serves within `target`
-(throughput x target, at least 1); an arrival beyond that gets FULL at once (counted as 'overload'),
-so most rejections are immediate instead of a shed after waiting 2 * target.
-
 Rule 7. Retry-After. Completions per busy slot-second (both exponentially decayed with RATE_TAU
 seconds of busy time, so idle periods neither count nor decay) times `limit` estimate the
 lane's throughput; `retry_after()` = ceil((len + 1) / throughput), within [1, ceil(timeout)].
@@ -63,7 +59,7 @@ from itertools import accumulate
 GO, QUEUED, FULL = 0, 1, 2
 HIGH, NORMAL, LOW = 0, 1, 2
 PRIORITIES = {"high": HIGH, "normal": NORMAL, "low": LOW}
-SHED_REASONS = ("full", "overload", "timeout", "codel", "client_gone")
+SHED_REASONS = ("full", "timeout", "codel", "client_gone")
 WAIT_BOUNDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_TAU = 10.0  # seconds of busy time over which the throughput estimate forgets
 _INF = math.inf
@@ -176,11 +172,6 @@ class LaneQueue:
         if self._len >= self.size:
             self.shed["full"] += 1
             return FULL
-        if self.overloaded and self._len >= self._standing_cap(now):
-            # Rule 8: while the queue stands, it holds no more than the lane serves within
-            # `target`; a newcomer beyond that is refused at once (a fast 503, not a late one).
-            self.shed["overload"] += 1
-            return FULL
         if waiter in self._index:
             raise ValueError("waiter is already queued")
         if not self._len:  # a queue forms: a CoDel interval starts (Rule 3)
@@ -272,12 +263,6 @@ class LaneQueue:
         return max(1, min(cap, math.ceil((self._len + 1) / rate)))
 
     # -- Internals ----------------------------------------------------------------------------
-
-    def _standing_cap(self, now: float) -> float:
-        self._account(now)
-        if not self.limit or self._done <= 0.0 or self._busy <= 0.0:
-            return _INF  # throughput unknown yet: only `size` bounds the queue
-        return max(1.0, self._done / self._busy * self.limit * self.target)
 
     def _front(self, q: deque[_Entry]) -> bool:
         while q and not q[0].alive:

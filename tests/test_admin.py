@@ -198,7 +198,7 @@ async def test_api_status_snapshot(start_proxy, upstream, aiohttp_client):
     assert set(lanes) == {"app", "other"}
     app = lanes["app"]
     assert (app["limit"], app["queue_size"], app["served"], app["in_flight"], app["queued"]) == (4, 8, 3, 0, 0)
-    assert app["shed"] == {"full": 0, "overload": 0, "timeout": 0, "codel": 0, "client_gone": 0}
+    assert app["shed"] == {"full": 0, "timeout": 0, "codel": 0, "client_gone": 0}
     assert app["upstream_time"]["count"] == 3 and len(app["upstream_time"]["buckets"]) == len(
         app["upstream_time"]["bounds"]) + 1
     [server] = app["servers"]
