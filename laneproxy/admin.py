@@ -125,6 +125,9 @@ def snapshot_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
             fam.add_metric([lane["name"]], read(lane))
         yield fam
     served = CounterMetricFamily("laneproxy_lane_served", "Exchanges that ended on the lane.", labels=["lane"])
+    failed = CounterMetricFamily(
+        "laneproxy_lane_failed", "Exchanges that ended in laneproxy's own 502/504 or an abort.", labels=["lane"]
+    )
     shed = CounterMetricFamily(
         "laneproxy_lane_shed", "Requests the lane refused or dropped from its queue, by reason.",
         labels=["lane", "reason"],
@@ -135,11 +138,13 @@ def snapshot_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
                                      "Time from admission to the end of the response, per exchange.", labels=["lane"])
     for lane in lanes:
         served.add_metric([lane["name"]], lane["served"])
+        failed.add_metric([lane["name"]], lane.get("failed", 0))
         for reason, n in lane["shed"].items():
             shed.add_metric([lane["name"], reason], n)
         _histogram(wait, [lane["name"]], lane["queue_wait"])
         _histogram(upstream, [lane["name"]], lane["upstream_time"])
     yield served
+    yield failed
     yield shed
     yield wait
     yield upstream

@@ -83,6 +83,7 @@ def lane_json(lane: Lane, now: float) -> dict[str, Any]:
         "queue_timeout": q.timeout,
         "overloaded": q.overloaded,
         "served": lane.served,
+        "failed": lane.failed,
         "shed": dict(q.shed),
         "queue_wait": histogram_json(q.wait),
         "upstream_time": histogram_json(lane.upstream_time),
@@ -137,7 +138,7 @@ def status_snapshot(proxy: Proxy) -> dict[str, Any]:
 # -- adding snapshots up ---------------------------------------------------------------------------
 
 TOP_SUMS = ("connections", "tunnels", "requests", "rejected_connections")
-LANE_SUMS = ("in_flight", "limit", "queued", "queue_size", "served")
+LANE_SUMS = ("in_flight", "limit", "queued", "queue_size", "served", "failed")
 SERVER_SUMS = ("in_flight", "requests", "failures", "retried", "marked_down")
 
 
@@ -181,7 +182,7 @@ def _add_server(into: dict[str, Any], other: dict[str, Any]) -> None:
 
 def _add_lane(into: dict[str, Any], other: dict[str, Any]) -> None:
     for key in LANE_SUMS:
-        into[key] += other[key]
+        into[key] = into.get(key, 0) + other.get(key, 0)  # tolerate a peer on an older snapshot shape
     into["overloaded"] = bool(into["overloaded"] or other["overloaded"])
     _add_counts(into["shed"], other["shed"])
     _add_histogram(into["queue_wait"], other["queue_wait"])

@@ -398,8 +398,8 @@ class Exchange:
         if retry and race:
             self.tried = self.tried[:-1]  # the same server again, on a new connection
         log.warning(
-            "upstream %s: %s (lane %s, %s)", server.name if server else "-", err.reason,
-            lane.name if lane else "-", "retrying" if retry else "not retried",
+            "%s failure: %s (lane %s, server %s, %s)", err.side, err.reason, lane.name if lane else "-",
+            server.name if server else "-", "retrying" if retry else "not retried",
         )
         if retry:
             server.retried += 1  # type: ignore[union-attr]
@@ -408,6 +408,8 @@ class Exchange:
             if self._acquire(fresh=race):
                 return
         self.down.gate.open(CONNECTING)
+        if lane is not None:
+            lane.failed += 1  # exchanges that ended in laneproxy's own 502/504 or an abort
         if self.resp == RESP_NONE:
             self.answer(err, close=not self.req_done)
         else:

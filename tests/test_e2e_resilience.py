@@ -274,3 +274,13 @@ async def test_client_abort_mid_response_closes_upstream(start_proxy, upstream):
     start = loop.time()
     await asyncio.wait_for(upstream_closed.wait(), 3)
     assert loop.time() - start < 1.0
+
+
+async def test_failures_are_counted_per_lane_and_server(start_proxy):
+    dead = refused_port()
+    proxy = await start_proxy(make_config([dead]))
+    for i in range(3):
+        status, _, body = await exchange(proxy.port, GET % b"f%d" % i)
+        assert status == 502 and b"Connection refused" in body
+    lane = proxy.lanes["app"]
+    assert lane.failed == 3 and lane.servers[0].failures == 3 and lane.served == 3  # served: ended
