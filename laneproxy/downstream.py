@@ -146,10 +146,8 @@ class DownstreamProtocol(asyncio.Protocol):
             end = data.find(b"\r\n\r\n")
             if 0 <= end < len(data) - 4:
                 self._feed(data[: end + 4])
-                if self.current is not None and self.current.body_kind == BODY_CHUNKED and not self.parse_dead:
+                if not self.is_closed:  # the rest takes the usual way (body guard, Upgrade hold, ...)
                     self.data_received(data[end + 4 :])
-                elif not self.parse_dead and not self.is_closed:
-                    self._feed(data[end + 4 :])
                 return
         self._feed(data)
 

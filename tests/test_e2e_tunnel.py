@@ -333,3 +333,27 @@ async def test_tunnel_flood_to_non_reading_client_bounds_memory(tmp_path, upstre
         writer.close()
     finally:
         assert await stop_proxy(proc) == 0
+
+
+async def test_bytes_after_an_upgrade_head_naming_chunked_are_still_held(start_proxy, upstream):
+    """A handshake whose head mentions "chunked" takes the chunk-guard path; what follows it must
+    still wait for the 101 and then be tunnelled, never parsed as HTTP."""
+
+    async def switch(reader, writer, up):
+        await reader.read_request()
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        await writer.drain()
+        data = await reader.read(100)
+        writer.write(b"tunnel got " + data)
+        await writer.drain()
+        await reader.read()
+
+    up = await upstream(switch)
+    proxy = await start_proxy(make_config(up.port))
+    reader, writer = await open_client(proxy.port)
+    early = b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n"
+    writer.write(ws_handshake(extra=b"X-Note: chunked\r\n") + early)
+    assert (await asyncio.wait_for(read_response(reader), 5))[0] == 101
+    assert await asyncio.wait_for(reader.readexactly(len(b"tunnel got ") + len(early)), 5) == b"tunnel got " + early
+    assert bytes(up.received[0]).count(b"GET /smuggled") == 1 and up.connections == 1
+    writer.close()
