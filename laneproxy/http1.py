@@ -7,6 +7,8 @@ STATUS_LINE habit). No I/O, no state.
 from __future__ import annotations
 
 import re
+import time
+from email.utils import formatdate
 from http import HTTPStatus
 
 from laneproxy.errors import BadRequest
@@ -143,12 +145,24 @@ def check_path(path: bytes) -> None:
 # -- canned answers ------------------------------------------------------------------------------
 
 
+_date_cache: list = [0, b""]
+
+
+def http_date() -> bytes:
+    """The current IMF-fixdate (RFC 9110 §5.6.7), formatted once per second."""
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True).encode()
+    return _date_cache[1]
+
+
 def error_response(status: int, reason: str, *, close: bool, extra: bytes = b"", head_only: bool = False) -> bytes:
     """The one place laneproxy's own answers are serialised: short plain text naming the reason."""
     body = f"{status} {HTTPStatus(status).phrase if status in STATUS_LINE else ''}: {reason}\n".encode()
     parts = [
         status_line(status),
-        b"Server: laneproxy\r\nContent-Type: text/plain; charset=utf-8\r\n",
+        b"Server: laneproxy\r\nDate: %s\r\nContent-Type: text/plain; charset=utf-8\r\n" % http_date(),
         b"Content-Length: %d\r\n" % len(body),
         extra,
         b"Connection: close\r\n\r\n" if close else CRLF,

@@ -297,3 +297,18 @@ async def test_each_pipelined_request_validated(start_proxy, upstream):
         assert await is_closed(reader)
     assert [r.target for r, _ in parse_requests(up.received[0])] == [b"/ok"]
 
+
+
+async def test_laneproxy_own_answers_carry_date_and_server(start_proxy, upstream):
+    """RFC 9110 §6.6.1: an origin (here laneproxy answering itself) with a clock sends Date."""
+    import email.utils
+
+    up = await upstream()
+    proxy = await start_proxy(make_config(up.port, routes=[{"prefix": "/api", "lane": "app"}]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:] if line)
+    assert head.startswith(b"HTTP/1.1 404 ") and fields[b"Server"] == b"laneproxy"
+    assert email.utils.parsedate_to_datetime(fields[b"Date"].decode()) is not None
