@@ -14,6 +14,7 @@ class ProxyError(Exception):
     side: Side = "internal"
     retryable = False
     condition = "error"  # which retry_on condition (nginx proxy_next_upstream) this failure is
+    fields = b""  # extra header lines for laneproxy's own answer (Retry-After, Allow)
 
     def __init__(self, reason: str, status: int | None = None, *, retryable: bool | None = None):
         super().__init__(reason)
@@ -84,3 +85,4 @@ class LaneBusy(ProxyError):
     def __init__(self, lane: str, why: str, retry_after: int) -> None:
         super().__init__(f"lane {lane} is busy ({why}); retry after {retry_after}s")
         self.retry_after = retry_after
+        self.fields = b"Retry-After: %d\r\n" % retry_after

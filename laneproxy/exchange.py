@@ -470,8 +470,7 @@ class Exchange:
         if not close and not down.may_keep_alive():
             close = True
         self.keep_alive = not close
-        extra = b"Retry-After: %d\r\n" % err.retry_after if isinstance(err, LaneBusy) else b""
-        data = error_response(err.status, err.reason, close=close, extra=extra, head_only=self.is_head)
+        data = error_response(err.status, err.reason, close=close, extra=err.fields, head_only=self.is_head)
         self.bytes_out += len(data)
         down.write(data)
         self.resp = RESP_DONE

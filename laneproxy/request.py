@@ -74,6 +74,11 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
         expect_continue = http11 and body_kind != BODY_NONE
     if down.upgrade is not None and p.should_upgrade() and body_kind != BODY_NONE:
         raise BadRequest("Upgrade request with a body")
+    if method == b"OPTIONS" and max_forwards(down) == 0:
+        # RFC 9110 §7.6.2: at zero, the intermediary answers as the final recipient.
+        ex = Exchange(down, None, method, b"", body_kind, keep_alive, local=OptionsAnswer())
+        ex.target = url
+        return ex
     route = down.ctx.router.match(path)
     if route is None:
         ex = Exchange(
@@ -147,3 +152,30 @@ def request_fields(down: DownstreamProtocol) -> dict[bytes, bytes]:
     if down.host is not None:
         fields[b"host"] = down.host
     return fields
+
+
+class OptionsAnswer(ProxyError):
+    """`OPTIONS` with `Max-Forwards: 0`: laneproxy answers 200 itself."""
+
+    status = 200
+    side = "downstream"
+
+    fields = b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n"
+
+    def __init__(self) -> None:
+        super().__init__("OPTIONS answered by laneproxy (Max-Forwards: 0)")
+
+
+def max_forwards(down: DownstreamProtocol) -> int | None:
+    """Max-Forwards of an OPTIONS request; a forwarded one goes out decremented (RFC 9110 §7.6.2)."""
+    headers = down.headers
+    for i, line in enumerate(headers):
+        if line[:13].lower() == b"max-forwards:":
+            value = line[13:-2].strip()
+            if not value.isdigit():
+                raise BadRequest("invalid Max-Forwards")
+            n = int(value)
+            if n > 0:
+                headers[i] = b"Max-Forwards: %d\r\n" % (n - 1)
+            return n
+    return None

@@ -312,3 +312,19 @@ async def test_laneproxy_own_answers_carry_date_and_server(start_proxy, upstream
     fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:] if line)
     assert head.startswith(b"HTTP/1.1 404 ") and fields[b"Server"] == b"laneproxy"
     assert email.utils.parsedate_to_datetime(fields[b"Date"].decode()) is not None
+
+
+async def test_options_max_forwards(start_proxy, upstream):
+    """RFC 9110 §7.6.2: Max-Forwards 0 is answered by laneproxy; otherwise it goes out decremented."""
+    up = await upstream()
+    proxy = await start_proxy(make_config(up.port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"OPTIONS * HTTP/1.1\r\nHost: t\r\nMax-Forwards: 0\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nAllow: " in head
+    assert up.connections == 0  # not forwarded
+    writer.write(b"OPTIONS /x HTTP/1.1\r\nHost: t\r\nMax-Forwards: 3\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b"body=0\n"), 5)
+    writer.close()
+    seen = bytes(up.received[0])
+    assert seen.startswith(b"OPTIONS /x HTTP/1.1\r\n") and b"\r\nMax-Forwards: 2\r\n" in seen
