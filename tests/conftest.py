@@ -235,3 +235,26 @@ async def is_closed(reader: asyncio.StreamReader, timeout: float = 2.0) -> bool:
     except TimeoutError:
         return False
     return data == b""
+
+
+@pytest.fixture
+async def make_pair():
+    """`make_pair(**ProxyPair options)`: a protocol-tier pair on the running loop, torn down after."""
+    from tests.helpers import ProxyPair
+
+    loop = asyncio.get_running_loop()
+    pairs = []
+
+    def make(**kwargs):
+        pair = ProxyPair(loop, **kwargs)
+        pairs.append(pair)
+        return pair
+
+    yield make
+    for pair in pairs:
+        pair.close()
+
+
+@pytest.fixture
+async def pair(make_pair):
+    return make_pair()

@@ -8,7 +8,7 @@ Timeout tests run the same protocols on a FakeLoop so that time can be moved by 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -36,27 +36,6 @@ OK_1 = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1"
 OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2"
 STATUS_404 = b"HTTP/1.1 404 Not Found\r\n"
 STATUS_200 = b"HTTP/1.1 200 OK\r\n"
-
-
-@pytest.fixture
-async def make_pair() -> AsyncIterator[Callable[..., ProxyPair]]:
-    """`make_pair(**ProxyPair options)` on the running loop; every pair is torn down after the test."""
-    loop = asyncio.get_running_loop()
-    pairs: list[ProxyPair] = []
-
-    def make(**kwargs: object) -> ProxyPair:
-        pair = ProxyPair(loop, **kwargs)  # type: ignore[arg-type]
-        pairs.append(pair)
-        return pair
-
-    yield make
-    for pair in pairs:
-        pair.close()
-
-
-@pytest.fixture
-async def pair(make_pair: Callable[..., ProxyPair]) -> ProxyPair:
-    return make_pair()
 
 
 def is_half_or_fully_closed(t: MockTransport) -> bool:

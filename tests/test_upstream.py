@@ -7,7 +7,7 @@ Alone (idle in its pool: stray bytes and EOF), and lent to an exchange behind a 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -20,26 +20,6 @@ GET_API = b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n"
 GET_API_Y = b"GET /api/y HTTP/1.1\r\nHost: a\r\n\r\n"
 OK_HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 OK_WORLD = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nworld"
-
-
-@pytest.fixture
-async def make_pair() -> AsyncIterator[Callable[..., ProxyPair]]:
-    loop = asyncio.get_running_loop()
-    pairs: list[ProxyPair] = []
-
-    def make(**kwargs: object) -> ProxyPair:
-        pair = ProxyPair(loop, **kwargs)  # type: ignore[arg-type]
-        pairs.append(pair)
-        return pair
-
-    yield make
-    for pair in pairs:
-        pair.close()
-
-
-@pytest.fixture
-async def pair(make_pair: Callable[..., ProxyPair]) -> ProxyPair:
-    return make_pair()
 
 
 @pytest.fixture
