@@ -32,9 +32,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from laneproxy.errors import BodyTooLarge, ConnectFailed, LaneBusy, ProxyError, UpstreamStatus, UpstreamTimeout
+from laneproxy.connect import UpstreamLink
+from laneproxy.errors import BodyTooLarge, ConnectFailed, LaneBusy, ProxyError, UpstreamStatus
 from laneproxy.flow import CONNECTING, PEER_BUSY
-from laneproxy.http1 import CONTINUE_100, CRLF, REASON, STATUS_LINE, error_response, status_line
+from laneproxy.http1 import CRLF, REASON, STATUS_LINE, error_response, status_line
 from laneproxy.queue import FULL, QUEUED
 from laneproxy.tunnel import Tunnel, open_tunnel
 from laneproxy.upstream import LENGTH, NO_BODY, UpstreamProtocol
@@ -54,7 +55,7 @@ RESP_NONE, RESP_HEAD_SENT, RESP_DONE = range(3)
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-class Exchange:
+class Exchange(UpstreamLink):
     """One request and its response; see the module docstring for the rules."""
 
     __slots__ = (
@@ -168,58 +169,6 @@ class Exchange:
         if not self._acquire(fresh=False):
             self.answer(ConnectFailed(f"no live upstream servers in lane {lane.name}"))  # type: ignore[union-attr]
 
-    def _acquire(self, fresh: bool) -> bool:
-        """Pick a server and get a connection (pooled, or a connect task); False: none left."""
-        server = self.lane.pick(self.tried)  # type: ignore[union-attr]
-        if server is None:
-            return False
-        self.tries += 1
-        self.tried += (server,)
-        self.server = server
-        self.server_busy = True
-        server.in_flight += 1
-        server.requests += 1
-        conn = None if fresh else server.pool.acquire()
-        if conn is not None:
-            self._attach(conn, reused=True)
-            return True
-        self.down.gate.close(CONNECTING)
-        server.pool.connecting += 1
-        self.connect_task = self.down.loop.create_task(self._connect(server))
-        return True
-
-    async def _connect(self, server: Server) -> None:
-        loop = self.down.loop
-        lane = self.lane
-        err: ProxyError | None = None
-        try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamProtocol(server, loop), server.host, server.port),
-                lane.connect_timeout,  # type: ignore[union-attr]
-            )
-        except asyncio.CancelledError:
-            server.pool.connecting -= 1
-            return
-        except TimeoutError:
-            err = UpstreamTimeout(f"connect to {server.name} timed out")
-        except OSError as exc:
-            err = ConnectFailed(f"connect to {server.name} failed: {exc.strerror or exc.__class__.__name__}")
-        server.pool.connecting -= 1
-        self.connect_task = None
-        if err is not None:
-            if not self.aborted:
-                self.upstream_failed(err)
-            else:
-                self._server_done()
-            return
-        server.pool.add_active()
-        if self.aborted:  # the client left while we connected: keep the fresh connection warm
-            conn.is_idle = True
-            server.pool.release(conn, True)
-            return
-        self.down.gate.open(CONNECTING)
-        self._attach(conn, reused=False)
-
     async def _serve_static(self) -> None:
         down = self.down
         file, fields = self.static  # type: ignore[misc]
@@ -239,23 +188,6 @@ class Exchange:
         self.resp = RESP_DONE
         if self.req_done:
             self._finish()
-
-    def _attach(self, conn: UpstreamProtocol, reused: bool) -> None:
-        self.t_conn = self.down.loop.time()
-        self.up = conn
-        self.reused = reused
-        conn.start(self, self.lane.read_timeout)  # type: ignore[union-attr]
-        pending = self.pending
-        conn.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-        self.pending = []
-        if self.req_done:
-            self.req_sent = True
-            conn.arm_read_timeout()
-        elif self.expect_continue:
-            self.expect_continue = False
-            self.down.write(CONTINUE_100)
-        if self.down.write_paused:
-            conn.gate.close(PEER_BUSY)
 
     # -- request side (called by DownstreamProtocol) ------------------------------------------
 

@@ -1,0 +1,93 @@
+"""UpstreamLink: how an exchange gets its upstream connection (the lane → pool → upstream step).
+
+`_acquire` picks a server (skipping the ones already tried) and takes a pooled connection, or
+starts the one task an exchange may need, `_connect`; `_attach` lends the connection to the
+exchange and writes what is pending (laneproxy's head, then any body already read). A mixin of
+Exchange: it works on the exchange's own fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from laneproxy.errors import ConnectFailed, ProxyError, UpstreamTimeout
+from laneproxy.flow import CONNECTING, PEER_BUSY
+from laneproxy.http1 import CONTINUE_100
+from laneproxy.upstream import UpstreamProtocol
+
+if TYPE_CHECKING:
+    from laneproxy.lane import Server
+
+
+class UpstreamLink:
+    __slots__ = ()
+
+    def _acquire(self, fresh: bool) -> bool:
+        """Pick a server and get a connection (pooled, or a connect task); False: none left."""
+        server = self.lane.pick(self.tried)  # type: ignore[union-attr]
+        if server is None:
+            return False
+        self.tries += 1
+        self.tried += (server,)
+        self.server = server
+        self.server_busy = True
+        server.in_flight += 1
+        server.requests += 1
+        conn = None if fresh else server.pool.acquire()
+        if conn is not None:
+            self._attach(conn, reused=True)
+            return True
+        self.down.gate.close(CONNECTING)
+        server.pool.connecting += 1
+        self.connect_task = self.down.loop.create_task(self._connect(server))
+        return True
+
+    async def _connect(self, server: Server) -> None:
+        loop = self.down.loop
+        lane = self.lane
+        err: ProxyError | None = None
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamProtocol(server, loop), server.host, server.port),
+                lane.connect_timeout,  # type: ignore[union-attr]
+            )
+        except asyncio.CancelledError:
+            server.pool.connecting -= 1
+            return
+        except TimeoutError:
+            err = UpstreamTimeout(f"connect to {server.name} timed out")
+        except OSError as exc:
+            err = ConnectFailed(f"connect to {server.name} failed: {exc.strerror or exc.__class__.__name__}")
+        server.pool.connecting -= 1
+        self.connect_task = None
+        if err is not None:
+            if not self.aborted:
+                self.upstream_failed(err)
+            else:
+                self._server_done()
+            return
+        server.pool.add_active()
+        if self.aborted:  # the client left while we connected: keep the fresh connection warm
+            conn.is_idle = True
+            server.pool.release(conn, True)
+            return
+        self.down.gate.open(CONNECTING)
+        self._attach(conn, reused=False)
+
+    def _attach(self, conn: UpstreamProtocol, reused: bool) -> None:
+        self.t_conn = self.down.loop.time()
+        self.up = conn
+        self.reused = reused
+        conn.start(self, self.lane.read_timeout)  # type: ignore[union-attr]
+        pending = self.pending
+        conn.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        self.pending = []
+        if self.req_done:
+            self.req_sent = True
+            conn.arm_read_timeout()
+        elif self.expect_continue:
+            self.expect_continue = False
+            self.down.write(CONTINUE_100)
+        if self.down.write_paused:
+            conn.gate.close(PEER_BUSY)
