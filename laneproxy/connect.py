@@ -81,13 +81,13 @@ class UpstreamLink:
         self.reused = reused
         conn.start(self, self.lane.read_timeout)  # type: ignore[union-attr]
         pending = self.pending
-        conn.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        conn.send(pending[0] if len(pending) == 1 else b"".join(pending))
         self.pending = []
         if self.req_done:
             self.req_sent = True
             conn.arm_read_timeout()
         elif self.expect_continue:
             self.expect_continue = False
-            self.down.write(CONTINUE_100)
+            self.down.send(CONTINUE_100)
         if self.down.write_paused:
             conn.gate.close(PEER_BUSY)

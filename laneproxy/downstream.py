@@ -15,7 +15,18 @@ import httptools
 from laneproxy.context import MAX_FIELD_LINE, Context
 from laneproxy.errors import BadRequest, ProxyError
 from laneproxy.exchange import BODY_CHUNKED, BODY_NONE, RESP_DONE, Exchange
-from laneproxy.flow import DRAINING, HIGH_WATER, LOW_WATER, PEER_BUSY, PIPELINE, UPGRADE, Deadline, ReadGate
+from laneproxy.flow import (
+    DRAINING,
+    HIGH_WATER,
+    LOW_WATER,
+    PEER_BUSY,
+    PIPELINE,
+    UPGRADE,
+    Deadline,
+    ReadGate,
+    Sender,
+    outbox_for,
+)
 from laneproxy.http1 import (
     H_CL,
     H_CONNECTION,
@@ -35,7 +46,7 @@ from laneproxy.tunnel import Tunnel
 LINGER_SECONDS = 5.0  # after an error answer, read and drop for at most this long, then close
 
 
-class DownstreamProtocol(asyncio.Protocol):
+class DownstreamProtocol(Sender, asyncio.Protocol):
     """Parses client requests, builds their Exchanges, and writes their responses in order."""
 
     def __init__(self, ctx: Context) -> None:
@@ -57,6 +68,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.http11 = True
         self.write_paused = False
         self.is_closed = False
+        self.outbox = outbox_for(self.loop)
+        self.sendq: list[bytes] = []  # response bytes waiting for the end of this loop iteration
+        self.sendq_bytes = 0
         self.closing = False  # no more requests will be read; close after the active exchange
         self.lingering = False
         self.last_offer: Exchange | None = None
@@ -219,6 +233,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_closed = True
+        self.sendq.clear()
         self.ctx.connections.discard(self)
         self.idle_deadline.cancel()
         self.read_deadline.cancel()
@@ -251,10 +266,6 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- Used by Exchange ----------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        if not self.is_closed:
-            self.transport.write(data)
-
     async def drain(self) -> None:
         """For local responders (files): wait until the client accepts more bytes."""
         if self.write_paused and not self.is_closed:
@@ -276,6 +287,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def abort(self) -> None:
         if not self.is_closed:
+            self.flush_out()  # what was produced goes out before the reset, as it would unqueued
             self.is_closed = True
             self.transport.abort()
 
@@ -326,6 +338,7 @@ class DownstreamProtocol(asyncio.Protocol):
         """Close after what is written; lingering: half-close and drain so the answer is not lost."""
         if self.is_closed or self.lingering:
             return
+        self.flush_out()
         self.read_deadline.cancel()
         self.idle_deadline.cancel()
         if not lingering or self.peer_eof or not self.transport.can_write_eof():

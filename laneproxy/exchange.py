@@ -202,7 +202,7 @@ class Exchange(UpstreamLink):
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         up = self.up
         if up is not None:
-            up.transport.write(chunk)
+            up.send(chunk)
         else:
             self.pending.append(chunk)
 
@@ -215,7 +215,7 @@ class Exchange(UpstreamLink):
             return
         if self.body_kind == BODY_CHUNKED:
             if self.up is not None:
-                self.up.transport.write(LAST_CHUNK)
+                self.up.send(LAST_CHUNK)
             else:
                 self.pending.append(LAST_CHUNK)
         if self.up is not None:
@@ -235,7 +235,7 @@ class Exchange(UpstreamLink):
     def on_informational(self, status: int, reason: bytes, headers: list[bytes]) -> None:
         # 100 Continue was laneproxy's own business with the client; other 1xx (103) pass to 1.1.
         if status != 100 and self.down.http11 and self.resp == RESP_NONE:
-            self.down.write(b"".join([status_line(status, reason), *headers, CRLF]))
+            self.down.send(b"".join([status_line(status, reason), *headers, CRLF]))
 
     def on_response_head(self, up: UpstreamProtocol) -> None:
         down = self.down
@@ -290,9 +290,7 @@ class Exchange(UpstreamLink):
             self.head_written = True
             data = out[0] if len(out) == 1 else b"".join(out)
             self.bytes_out += len(data)
-            down = self.down
-            if not down.is_closed:
-                down.transport.write(data)
+            self.down.send(data)
             out.clear()
 
     def on_response_complete(self) -> None:
@@ -372,6 +370,7 @@ class Exchange(UpstreamLink):
         if rest:
             self.out.append(rest)  # bytes the upstream sent right after its 101
         self.flush()
+        self.down.flush_out()  # the tunnel writes directly from here on: the 101 goes first
         self.resp = RESP_HEAD_SENT
         self.tunnel = open_tunnel(self, self.down, up)
         if not self.lane.cfg.limit_streams and self.counted:  # type: ignore[union-attr]
@@ -404,7 +403,7 @@ class Exchange(UpstreamLink):
         self.keep_alive = not close
         data = error_response(err.status, err.reason, close=close, extra=err.fields, head_only=self.is_head)
         self.bytes_out += len(data)
-        down.write(data)
+        down.send(data)
         self.resp = RESP_DONE
         self.local = err
         if close:

@@ -48,8 +48,7 @@ class Tunnel:
 
     def from_downstream(self, data: bytes) -> None:
         self.last_active = self.down.loop.time()
-        if not self.up.is_closed:
-            self.up.transport.write(data)
+        self.up.write(data)
 
     def from_upstream(self, data: bytes) -> None:
         self.last_active = self.down.loop.time()
@@ -111,6 +110,6 @@ def open_tunnel(exchange: Exchange, down: DownstreamProtocol, up: UpstreamProtoc
     down.ctx.tunnels += 1
     early, exchange.early = exchange.early, []
     if early:  # bytes the client pipelined with its handshake, in order
-        up.transport.write(b"".join(early))
+        up.write(b"".join(early))
     down.gate.open(UPGRADE)
     return tunnel

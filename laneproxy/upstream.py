@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from laneproxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
-from laneproxy.flow import HIGH_WATER, LOW_WATER, Deadline, ReadGate
+from laneproxy.flow import HIGH_WATER, LOW_WATER, Deadline, ReadGate, Sender, outbox_for
 from laneproxy.http1 import R_CL, R_CONNECTION, R_KEEPALIVE, R_TE, R_UPGRADE, RESPONSE_SPECIAL, split_tokens
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ _SPECIAL_LENGTHS = frozenset(len(name) for name in RESPONSE_SPECIAL)
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE, SWITCHED = range(5)
 
 
-class UpstreamProtocol(asyncio.Protocol):
+class UpstreamProtocol(Sender, asyncio.Protocol):
     """Parses responses for the Exchange it is lent to; idle, it only watches for EOF."""
 
     def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
@@ -47,6 +47,9 @@ class UpstreamProtocol(asyncio.Protocol):
         self.parser_stale = False
         self.uses = 0
         self.is_closed = False
+        self.outbox = outbox_for(loop)
+        self.sendq: list[bytes] = []  # request bytes waiting for the end of this loop iteration
+        self.sendq_bytes = 0
         self.is_idle = False
         self.got_bytes = False  # any response byte for the current exchange (not the keep-alive race)
         self.expires_at = float("inf")  # from the upstream's `Keep-Alive: timeout=N`
@@ -138,6 +141,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_closed = True
+        self.sendq.clear()
         self.read_deadline.cancel()
         if self.tunnel is not None:
             self.tunnel.connection_lost()

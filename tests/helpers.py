@@ -14,6 +14,7 @@ from typing import Any
 
 from laneproxy.config import ClientConfig, LaneConfig
 from laneproxy.downstream import Context, DownstreamProtocol
+from laneproxy.flow import outbox_for
 from laneproxy.lane import Lane, Server
 from laneproxy.pool import Pool
 from laneproxy.router import Route, Router
@@ -47,11 +48,22 @@ class FakeTimer:
 
 
 class FakeLoop:
-    """The slice of an event loop that pool.py and flow.py use: time(), call_later(), call_at()."""
+    """The slice of an event loop that pool.py and flow.py use: time(), call_soon(), call_later(),
+    call_at()."""
 
     def __init__(self, start: float = 0.0) -> None:
         self.now = start
         self.timers: list[FakeTimer] = []
+        self.soon: list[tuple[Callable[..., Any], tuple]] = []
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        self.soon.append((callback, args))
+
+    def run_soon(self) -> None:
+        """End the loop iteration: run what call_soon queued (flow rule 4's writes)."""
+        while self.soon:
+            callback, args = self.soon.pop(0)
+            callback(*args)
 
     def time(self) -> float:
         return self.now
@@ -76,6 +88,7 @@ class FakeLoop:
         """Run every pending timer whose time has come, earliest first (also ones added meanwhile)."""
         ran = 0
         while True:
+            self.run_soon()
             due = [t for t in self.pending() if t.when <= self.now]
             if not due:
                 return ran
@@ -93,8 +106,11 @@ class MockTransport:
         self,
         peername: tuple[str, int] | None = ("127.0.0.1", 51000),
         sockname: tuple[str, int] | None = ("127.0.0.1", 8080),
+        loop: Any = None,
     ) -> None:
-        self.buffer = bytearray()
+        self.loop = loop  # whose end of iteration `buffer` waits for (default: the running loop)
+        self._buffer = bytearray()
+        self.writes = 0  # write() calls that carried bytes
         self.read_paused = False
         self.pause_calls = 0
         self.resume_calls = 0
@@ -110,7 +126,23 @@ class MockTransport:
             raise RuntimeError("Cannot call write() after write_eof()")
         if self.closed:
             return  # a closed transport drops writes (asyncio logs a warning)
-        self.buffer += data
+        self.writes += 1
+        self._buffer += data
+
+    @property
+    def buffer(self) -> bytearray:
+        """What was written, as the peer sees it once the loop iteration ends (flow rule 4)."""
+        loop = self.loop
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return self._buffer
+        if isinstance(loop, FakeLoop):
+            loop.run_soon()
+        else:
+            outbox_for(loop).flush()
+        return self._buffer
 
     def can_write_eof(self) -> bool:
         return True
@@ -153,8 +185,9 @@ class MockTransport:
     # test conveniences
     def take(self) -> bytes:
         """Everything written since the last take()."""
-        data = bytes(self.buffer)
-        self.buffer.clear()
+        buffer = self.buffer
+        data = bytes(buffer)
+        buffer.clear()
         return data
 
     def __repr__(self) -> str:
@@ -195,7 +228,7 @@ class ProxyPair:
         self.server: Server = self.lane.servers[0]
         self.router = Router([Route(prefix=prefix, lane=self.lane, strip_prefix=strip_prefix)])
         self.ctx = Context(loop, self.router, client or ClientConfig())
-        self.down_t = MockTransport(peername=peername)
+        self.down_t = MockTransport(peername=peername, loop=loop)
         self.down = DownstreamProtocol(self.ctx)
         self.down.connection_made(self.down_t)  # type: ignore[arg-type]
         self.ups: list[tuple[UpstreamProtocol, MockTransport]] = []
@@ -205,7 +238,7 @@ class ProxyPair:
         return self.server.pool
 
     def pooled_upstream(self) -> tuple[UpstreamProtocol, MockTransport]:
-        up_t = MockTransport(peername=("127.0.0.1", 9), sockname=("127.0.0.1", 40000))
+        up_t = MockTransport(peername=("127.0.0.1", 9), sockname=("127.0.0.1", 40000), loop=self.loop)
         conn = UpstreamProtocol(self.server, self.loop)
         conn.connection_made(up_t)  # type: ignore[arg-type]
         self.server.pool.add_active()

@@ -158,6 +158,7 @@ async def test_pipelined_requests_without_route_get_two_404s_in_order(pair: Prox
     pair.send(GET_A + GET_B)
     out = pair.down_t.take()
     assert parse_response_heads(out) == [b"HTTP/1.1 404 Not Found", b"HTTP/1.1 404 Not Found"]
+    assert pair.down_t.writes == 1  # answers made in one loop iteration leave together (flow rule 4)
     assert out.index(b"no route for /a") < out.index(b"no route for /b")
     assert not pair.down_t.closed and not pair.down_t.eof_written
     assert not pair.down_t.read_paused

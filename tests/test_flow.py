@@ -1,8 +1,21 @@
-"""flow.py: ReadGate pause/resume by reason, Deadline lazy re-arming (fake transport, fake clock)."""
+"""flow.py: ReadGate pause/resume by reason, Deadline lazy re-arming, the per-iteration Outbox
+(fake transport, fake clock)."""
 
 from __future__ import annotations
 
-from laneproxy.flow import CONNECTING, DRAINING, HIGH_WATER, LOW_WATER, PEER_BUSY, PIPELINE, Deadline, ReadGate
+from laneproxy.flow import (
+    CONNECTING,
+    DRAINING,
+    HIGH_WATER,
+    LOW_WATER,
+    PEER_BUSY,
+    PIPELINE,
+    SEND_NOW,
+    Deadline,
+    ReadGate,
+    Sender,
+    outbox_for,
+)
 from tests.helpers import FakeLoop, MockTransport
 
 
@@ -220,3 +233,65 @@ def test_deadline_callback_can_set_it_again() -> None:
     loop.run_due()
     assert [t.when for t in loop.pending()] == [120.0]
     assert d.when == 120.0
+
+
+# -- Outbox and Sender (rule 4) ----------------------------------------------------------------
+
+
+class Side(Sender):
+    """The attributes a protocol gives Sender, on a MockTransport."""
+
+    def __init__(self, loop: FakeLoop) -> None:
+        self.transport = MockTransport(loop=loop)  # type: ignore[assignment]
+        self.is_closed = False
+        self.outbox = outbox_for(loop)  # type: ignore[arg-type]
+        self.sendq: list[bytes] = []
+        self.sendq_bytes = 0
+
+
+def test_sends_of_one_iteration_leave_in_one_write_at_its_end() -> None:
+    loop = FakeLoop()
+    a, b = Side(loop), Side(loop)
+    a.send(b"head ")
+    b.send(b"other")
+    a.send(b"body")
+    assert a.transport._buffer == b"" and b.transport._buffer == b""  # type: ignore[attr-defined]
+    assert len(loop.soon) == 1  # one flush per iteration, however many sides
+    loop.run_soon()
+    assert bytes(a.transport._buffer) == b"head body" and a.transport.writes == 1  # type: ignore[attr-defined]
+    assert bytes(b.transport._buffer) == b"other" and b.transport.writes == 1  # type: ignore[attr-defined]
+    a.send(b"next")  # a new iteration schedules a new flush
+    assert len(loop.soon) == 1
+    loop.run_soon()
+    assert bytes(a.transport._buffer) == b"head bodynext"  # type: ignore[attr-defined]
+
+
+def test_write_sends_what_is_queued_first() -> None:
+    loop = FakeLoop()
+    side = Side(loop)
+    side.send(b"1")
+    side.write(b"2")
+    assert bytes(side.transport._buffer) == b"12"  # type: ignore[attr-defined]
+    loop.run_soon()  # the scheduled flush finds nothing left
+    assert bytes(side.transport._buffer) == b"12" and side.transport.writes == 2  # type: ignore[attr-defined]
+
+
+def test_a_side_with_send_now_bytes_queued_sends_at_once() -> None:
+    # Deferral never holds more than SEND_NOW bytes, so a full write buffer still pauses the
+    # other side's reading within the same read (rule 2).
+    loop = FakeLoop()
+    side = Side(loop)
+    side.send(b"h" * 100)
+    side.send(b"b" * (SEND_NOW - 100))
+    assert len(side.transport._buffer) == SEND_NOW and side.transport.writes == 1  # type: ignore[attr-defined]
+    side.send(b"x" * (SEND_NOW + 1))  # one big piece goes at once too
+    assert len(side.transport._buffer) == 2 * SEND_NOW + 1  # type: ignore[attr-defined]
+
+
+def test_a_closed_side_drops_what_it_had_queued() -> None:
+    loop = FakeLoop()
+    side = Side(loop)
+    side.send(b"lost")
+    side.is_closed = True
+    loop.run_soon()
+    assert side.transport.writes == 0  # type: ignore[attr-defined]
