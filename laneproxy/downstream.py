@@ -154,7 +154,7 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
             if not guard.feed(data):
                 self._request_error(BadRequest("chunk extensions too long"))
                 return
-        elif self.current is None and (b"hunked" in data or b"HUNKED" in data):
+        elif self.current is None and (data.find(b"hunked") != -1 or data.find(b"HUNKED") != -1):
             # A chunked request may start its body in this read: parse the head first, so the
             # guard sees the body from its first byte.
             end = data.find(b"\r\n\r\n")
@@ -381,7 +381,7 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
         lname = name.lower()
         kind = REQUEST_SPECIAL.get(lname)
         if kind is None:
-            if b"_" in name and self.ctx.underscore_headers != "allow":
+            if name.find(b"_") != -1 and self.ctx.underscore_headers != "allow":  # (not `in`: http1.split_target)
                 # nginx underscores_in_headers off: Content_Length never reaches an upstream that
                 # might read it as Content-Length.
                 if self.ctx.underscore_headers == "reject":
