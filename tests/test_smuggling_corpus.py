@@ -410,6 +410,8 @@ REQUEST_CASES: list[Case] = [
     reject("chunk-lf-only", post(TE_CH, b"5\nhello\n0\n\n"), 400),
     reject("chunk-ext-over-1k", post(TE_CH, LONG_EXT), 400, "F10: 1 KiB of extensions"),
     reject("chunk-ext-over-1k-body-in-second-read", (post(TE_CH), LONG_EXT), 400, "F10"),
+    reject("chunk-ext-over-1k-mixed-case-te", post(b"Transfer-Encoding: ChUnKeD\r\n", LONG_EXT), 400, "F10"),
+    reject("chunk-ext-over-1k-head-in-two-reads", (post(TE_CH)[:20], post(TE_CH)[20:] + LONG_EXT), 400, "F10"),
     reject("chunk-ext-over-1k-body-unfinished", (post(TE_CH), LONG_EXT[:-12], LONG_EXT[-12:]), 400, "F10"),
     reject("chunk-ext-over-1k-second-chunk", (post(TE_CH, b"5\r\nhello\r\n"), b"5;a=" + b"x" * 2000,
                                               b"\r\nworld\r\n0\r\n\r\n"), 400, "F10"),
