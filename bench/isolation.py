@@ -7,16 +7,17 @@ each (`bench/slowpool.py`, capacity 40 req/s); `/` -> a fast upstream (the upstr
 `return 200` on `/small`, `bench/upstream.py`). Per proxy, in order:
 
 1. fast lane alone: `/small` at a fixed arrival rate (open loop, 500 req/s) for D seconds;
-2. the same while 200 clients flood `/tast` (request, read, repeat; abandoned after 3 s), after a
-   2 s ramp; then the pool gets up to 10 s to finish what it still holds, and is restarted;
+2. the same while 200 clients flood `/tast` (request, read, repeat; abandoned after 3 s; after a
+   503 with Retry-After a client waits that long first, as urllib3's retries do, unless
+   `--flood-ignores-retry-after`), after a 2 s ramp; then the pool gets up to 10 s to finish what it still holds, and is restarted;
 3. 3x overload: `/tast` at a fixed 120 req/s for 2 + D seconds, each request abandoned after 3 s;
    goodput = answers within that deadline, completed in the last D seconds, per second of capacity.
 
 Proxy on core 1; everything else on core 0, where the fast-lane generator and the fast upstream run
 at real-time priority (SCHED_FIFO) so that the flood clients' CPU cannot delay them: a slower fast
-lane is then the proxy's doing. The proxies: laneproxy (`limit: 8`, `queue: 200`,
+lane is then the proxy's doing. The proxies: laneproxy (`limit: 8`, `queue: 6`,
 `queue_timeout: 2s`), nginx with the seed page's config (upstream blocks with `keepalive`, no cap),
-nginx with `max_conns=8` on the slow server, HAProxy with `maxconn 8 maxqueue 200` and
+nginx with `max_conns=8` on the slow server, HAProxy with `maxconn 8 maxqueue 6` and
 `timeout queue 2s`. See bench/README.md.
 """
 
@@ -88,6 +89,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--proxies", default=",".join(PROXIES), help="comma list of %(default)s")
     parser.add_argument("--rate", type=float, default=500.0, help="fast-lane arrivals per second")
     parser.add_argument("--clients", type=int, default=200, help="flood clients on /tast")
+    parser.add_argument("--flood-ignores-retry-after", action="store_true",
+                        help="flood clients loop at once after a 503 too (default: they wait its Retry-After)")
     parser.add_argument("--proxy-core", type=int, default=1)
     parser.add_argument("--load-core", type=int, default=0)
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="default %(default)s")
@@ -222,7 +225,8 @@ def measure(name: str, args: argparse.Namespace, plan: Plan, fast: Upstream, tmp
         flood_out = workdir / "flood.json"
         flood = subprocess.Popen(
             client_argv("flood", port, "/tast/sleep", plan.ramp_s + d + 0.5, "f", flood_out, core,
-                        clients=args.clients, timeout=plan.client_timeout_s),
+                        clients=args.clients, timeout=plan.client_timeout_s,
+                        ignore_retry_after=args.flood_ignores_retry_after),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         ours, t0 = Accounting(proxy.pid, fast.service.pid, pools[0].service.pid), time.monotonic()

@@ -19,7 +19,10 @@ class Plan:
     workers: int = 8  # slow pool processes, one request at a time each
     sleep_ms: int = 200  # per slow request
     limit: int = 8  # the slow lane's limit (laneproxy), max_conns (nginx), maxconn (HAProxy)
-    queue: int = 200
+    # The queue holds what the pool serves in 0.15 s (6 at 40 req/s), under CoDel's default
+    # target (queue_timeout / 10 = 0.2 s): waiters are served FIFO within ~0.35 s and the excess
+    # is refused at once, with Retry-After (README: sizing a lane's queue).
+    queue: int = 6
     queue_timeout_s: float = 2.0
     client_timeout_s: float = 3.0  # a client abandons its request after this: the deadline
     ramp_s: float = 2.0  # flood (or overload) running before the measured window starts
@@ -193,7 +196,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any], plan: Plan, ar
         f"Slow pool: {plan.workers} processes x 1 request, {plan.sleep_ms} ms each (capacity {plan.capacity:g} req/s); "
         f"slow lane limit {plan.limit}, queue {plan.queue}, queue_timeout {plan.queue_timeout_s:g} s. "
         f"Fast lane: {args.rate:g} req/s open loop for {args.duration:g} s per phase. Flood: {args.clients} "
-        f"clients, abandon after {plan.client_timeout_s:g} s. Proxy on core {args.proxy_core}, the rest on "
+        f"clients, abandon after {plan.client_timeout_s:g} s, "
+        f"{'loop at once after a 503' if getattr(args, 'flood_ignores_retry_after', False) else 'wait the Retry-After of a 503 before the next request'}. "
+        f"Proxy on core {args.proxy_core}, the rest on "
         f"core {args.load_core} (fast-lane generator and fast upstream at SCHED_FIFO).",
         f"Load average before / after: {' '.join(meta['loadavg_start'])} / {' '.join(meta['loadavg_end'])}; "
         f"total time {meta['elapsed_s']:g} s." + (" **Interrupted: incomplete.**" if meta.get("interrupted") else ""),

@@ -6,7 +6,8 @@
 - `open` starts request i at t0 + i/rate whatever the answers do (wrk2-style, not wrk's closed
   loop), over a pool of keep-alive connections (a new one when every pooled one is busy).
 - `flood` runs `--clients` loops of: request, read the answer, repeat at once, each on its own
-  keep-alive connection.
+  keep-alive connection, the clients joining evenly over the first second; after a 503 with `Retry-After` a loop first waits that long, as an HTTP
+  client with retries does (urllib3's default), unless `--ignore-retry-after`.
 - Either way a request not answered within `--timeout` seconds is abandoned: its connection is
   closed (the only way an HTTP/1.1 client can give up) and the next request opens a new one.
 
@@ -44,6 +45,7 @@ class Client(asyncio.Protocol):
         self.keep_alive = True
         self.closed = False
         self.body = b""  # the start of a non-200 answer's body: the proxy's reason
+        self.retry_after: float | None = None  # the answer's Retry-After (delay-seconds), if any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -57,6 +59,11 @@ class Client(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.body = b""
+        self.retry_after = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"retry-after" and value.strip().isdigit():
+            self.retry_after = float(value.strip())
 
     def on_body(self, body: bytes) -> None:
         if len(self.body) < 160 and self.parser.get_status_code() != 200:
@@ -97,6 +104,7 @@ class Requester:
         self.idle: list[Client] = []
         self.records: list[tuple[str, float, float, int, str]] = []
         self.count = 0
+        self.retry_after: float | None = None  # Retry-After of the last answer
 
     async def _client(self) -> Client:
         while self.idle:
@@ -126,6 +134,7 @@ class Requester:
                 self.idle.append(client)
             else:
                 client.close()
+        self.retry_after = client.retry_after if client is not None and status > 0 else None
         reason = client.body.decode("latin-1") if client is not None and status > 0 and status != 200 else ""
         self.records.append((bench_id, start, end, status, reason))
         return status
@@ -151,18 +160,29 @@ async def open_loop(req: Requester, rate: float, duration: float) -> list[float]
     return lags
 
 
-async def flood(req: Requester, clients: int) -> None:
-    async def loop(r: Requester) -> None:
+FLOOD_JOIN_S = 1.0  # flood clients start spread over this (not in one instant: no lockstep)
+
+
+async def flood(req: Requester, clients: int, honour_retry_after: bool = True) -> None:
+    """`clients` loops of request, answer, repeat, joining evenly over FLOOD_JOIN_S. A 503 with Retry-After makes a loop wait that
+    long first (as urllib3's Retry does by default for 413, 429 and 503) unless
+    `honour_retry_after` is off; any other answer, including 502 and 504, is followed at once."""
+
+    async def loop(r: Requester, join_after: float) -> None:
+        await asyncio.sleep(join_after)
         while time.monotonic() < r.stop_at:
-            if await r.one(time.monotonic()) == ERROR:
+            status = await r.one(time.monotonic())
+            if status == ERROR:
                 await asyncio.sleep(0.01)  # refused or reset: do not spin
+            elif status == 503 and honour_retry_after and r.retry_after:
+                await asyncio.sleep(max(0.0, min(r.retry_after, r.stop_at - time.monotonic())))
 
     # one Requester per client (its own connection), sharing the records list and the id counter space
     loops = []
     for n in range(clients):
         r = Requester(req.host, req.port, "", f"{req.tag}{n}-", req.timeout, req.stop_at)
         r.template, r.records = req.template, req.records
-        loops.append(loop(r))
+        loops.append(loop(r, n / clients * FLOOD_JOIN_S))
     await asyncio.gather(*loops)
 
 
@@ -178,6 +198,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=3.0, help="abandon a request after this")
     parser.add_argument("--tag", default="r", help="X-Bench-Id prefix")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--ignore-retry-after", action="store_true",
+                        help="flood: loop at once after a 503 too (default: wait its Retry-After)")
     parser.add_argument("--realtime", action="store_true",
                         help="SCHED_FIFO: other load on the same core (the flood) cannot delay this client")
     args = parser.parse_args()
@@ -198,7 +220,7 @@ def main() -> int:
     if args.mode == "open":
         lags = asyncio.run(open_loop(req, args.rate, args.duration))
     else:
-        asyncio.run(flood(req, args.clients))
+        asyncio.run(flood(req, args.clients, honour_retry_after=not args.ignore_retry_after))
     args.out.write_text(json.dumps({"records": req.records, "lag": lags}))
     return 0
 
