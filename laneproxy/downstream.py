@@ -59,6 +59,7 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
         self.peer_ip = b"-"
         self.trusted = False
         self.fwd_fixed = b""
+        self.fwd_own = b""
         self.active: Exchange | None = None
         self.tunnel: Tunnel | None = None
         self.upgrade_wait: Exchange | None = None  # an Upgrade request waiting for the 101
@@ -76,6 +77,7 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
         self.last_offer: Exchange | None = None
         self.peer_eof = False
         self.host_ok: bytes | None = None  # the last Host value that passed validation here
+        self.host_fields = b""  # X-Forwarded-Host and Via for host_ok
         self.parse_dead = False
         self.unread = False  # client bytes we will not read may be queued (close with lingering)
         self._starting = False
@@ -121,6 +123,7 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
         self.peer_ip = ip.encode()
         self.trusted = ctx.is_trusted(ip)
         self.fwd_fixed = b"X-Real-IP: %s\r\nX-Forwarded-Proto: http\r\n" % self.peer_ip
+        self.fwd_own = self.fwd_fixed + b"X-Forwarded-For: %s\r\n" % self.peer_ip  # no trusted XFF
         # Before the first byte, the header timeout applies (nginx client_header_timeout).
         self.idle_deadline.set(self.loop.time() + ctx.header_timeout)
 
@@ -388,7 +391,7 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
                 if self.ctx.underscore_headers == "reject":
                     raise BadRequest("header name with an underscore")
                 return
-            self.headers.append(b"%s: %s\r\n" % (name, value.rstrip(b" \t")))
+            self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
             return
         value = value.strip(b" \t")
         if not value.isascii():  # obs-text is opaque data, never part of framing or routing

@@ -47,6 +47,7 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
     else:
         path, query, authority = split_target(url)
     host = down.host
+    host_fields = None
     if authority is not None:
         out_host = authority  # RFC 9112 §3.2.2: the target's authority replaces Host
     elif host is None:
@@ -54,8 +55,11 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
             raise BadRequest("missing Host")
         out_host = down.local_host
     else:
-        out_host = host if host == down.host_ok else check_host(host)
-        down.host_ok = out_host  # a keep-alive client repeats its Host: validate it once
+        if host != down.host_ok:  # a keep-alive client repeats its Host: validate it once
+            down.host_ok = check_host(host)
+            down.host_fields = b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (host, VIA)
+        out_host = down.host_ok
+        host_fields = down.host_fields
     te = down.te
     if te is not None:
         if not http11:
@@ -106,9 +110,11 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
             if b"x-forwarded-for" in named:
                 down.xff = None
     if down.xff is not None:
-        xff = b"X-Forwarded-For: %s, %s\r\n" % (b", ".join(down.xff), down.peer_ip)
+        forwarded = down.fwd_fixed + b"X-Forwarded-For: %s, %s\r\n" % (b", ".join(down.xff), down.peer_ip)
     else:
-        xff = b"X-Forwarded-For: %s\r\n" % down.peer_ip
+        forwarded = down.fwd_own  # precomputed per connection
+    if host_fields is None:
+        host_fields = b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (out_host, VIA)
     offer = None
     if down.upgrade is not None and http11 and down.conn_tokens and b"upgrade" in down.conn_tokens:
         tokens = split_tokens(down.upgrade)
@@ -128,8 +134,7 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
     head = b"".join([
         method, b" ", target, b" HTTP/1.1\r\nHost: ", out_host, CRLF,
         *headers,
-        down.fwd_fixed, xff,
-        b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (out_host, VIA),
+        forwarded, host_fields,
         framing,
     ])
     ex = Exchange(

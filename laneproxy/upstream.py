@@ -254,7 +254,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         # Only names as long as a special one need lowering (Server, Date, Content-Type do not).
         kind = RESPONSE_SPECIAL.get(name.lower()) if len(name) in _SPECIAL_LENGTHS else None
         if kind is None:
-            self.headers.append(b"%s: %s\r\n" % (name, value.rstrip(b" \t")))
+            self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
         elif kind == R_CL:
             self.content_length = int(value)  # httptools has checked 1*DIGIT and duplicates
         elif kind == R_TE:

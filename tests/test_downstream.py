@@ -16,7 +16,7 @@ from laneproxy.config import ClientConfig
 from laneproxy.downstream import LINGER_SECONDS, Context, DownstreamProtocol
 from laneproxy.flow import HIGH_WATER, LOW_WATER
 from laneproxy.router import Router
-from tests.helpers import FakeLoop, MockTransport, ProxyPair, forwarded_head, lane_config, parse_response_heads
+from tests.helpers import OK_5, FakeLoop, MockTransport, ProxyPair, forwarded_head, lane_config, parse_response_heads
 
 # -- requests -------------------------------------------------------------------------------------
 
@@ -329,6 +329,25 @@ async def test_absolute_form_authority_replaces_host(pair: ProxyPair) -> None:
     pair.send(b"GET http://other.example/api/x HTTP/1.1\r\nHost: a\r\n\r\n")
     # RFC 9112 §3.2.2: the target's authority wins over the Host field, for X-Forwarded-Host too.
     assert up_t.take() == forwarded_head(b"GET /x HTTP/1.1", host=b"other.example")
+
+
+async def test_each_request_on_a_connection_gets_its_own_host_and_forwarded_fields(pair: ProxyPair) -> None:
+    # The validated Host and its X-Forwarded-Host line are cached per connection: a change of Host,
+    # an absolute-form target and an invalid Host must each still be handled on their own.
+    up, up_t = pair.pooled_upstream()
+    for request, host in [
+        (b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n", b"a"),
+        (b"GET /api/x HTTP/1.1\r\nHost: b.example:8080\r\n\r\n", b"b.example:8080"),
+        (b"GET http://c.example/api/x HTTP/1.1\r\nHost: b.example:8080\r\n\r\n", b"c.example"),
+        (b"GET /api/x HTTP/1.1\r\nHost: b.example:8080\r\n\r\n", b"b.example:8080"),
+    ]:
+        pair.send(request)
+        assert up_t.take() == forwarded_head(b"GET /x HTTP/1.1", host=host)
+        up.data_received(OK_5)
+        assert pair.down_t.take().startswith(b"HTTP/1.1 200 OK\r\n")
+    pair.send(b"GET /api/x HTTP/1.1\r\nHost: bad host\r\n\r\n")
+    assert pair.down_t.take().startswith(b"HTTP/1.1 400 ")
+    assert up_t.take() == b""
 
 
 async def test_h2c_upgrade_is_not_forwarded(pair: ProxyPair) -> None:
