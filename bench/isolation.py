@@ -9,7 +9,8 @@ each (`bench/slowpool.py`, capacity 40 req/s); `/` -> a fast upstream (the upstr
 1. fast lane alone: `/small` at a fixed arrival rate (open loop, 500 req/s) for D seconds;
 2. the same while 200 clients flood `/tast` (request, read, repeat; abandoned after 3 s; after a
    503 with Retry-After a client waits that long first, as urllib3's retries do, unless
-   `--flood-ignores-retry-after`), after a 2 s ramp; then the pool gets up to 10 s to finish what it still holds, and is restarted;
+   `--flood-ignores-retry-after`), after a 2 s ramp; then the pool gets up to 10 s to finish what
+   it still holds, and is restarted;
 3. 3x overload: `/tast` at a fixed 120 req/s for 2 + D seconds, each request abandoned after 3 s;
    goodput = answers within that deadline, completed in the last D seconds, per second of capacity.
 

@@ -186,6 +186,9 @@ def targets(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, bool]]:
     ]
 
 
+FLOOD_POLICY = {False: "wait the Retry-After of a 503 before the next request", True: "loop at once after a 503"}
+
+
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any], plan: Plan, args: argparse.Namespace) -> str:
     ok = [r for r in results if not r.get("error")]
     lines = [
@@ -197,7 +200,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any], plan: Plan, ar
         f"slow lane limit {plan.limit}, queue {plan.queue}, queue_timeout {plan.queue_timeout_s:g} s. "
         f"Fast lane: {args.rate:g} req/s open loop for {args.duration:g} s per phase. Flood: {args.clients} "
         f"clients, abandon after {plan.client_timeout_s:g} s, "
-        f"{'loop at once after a 503' if getattr(args, 'flood_ignores_retry_after', False) else 'wait the Retry-After of a 503 before the next request'}. "
+        f"{FLOOD_POLICY[bool(getattr(args, 'flood_ignores_retry_after', False))]}. "
         f"Proxy on core {args.proxy_core}, the rest on "
         f"core {args.load_core} (fast-lane generator and fast upstream at SCHED_FIFO).",
         f"Load average before / after: {' '.join(meta['loadavg_start'])} / {' '.join(meta['loadavg_end'])}; "

@@ -6,8 +6,9 @@
 - `open` starts request i at t0 + i/rate whatever the answers do (wrk2-style, not wrk's closed
   loop), over a pool of keep-alive connections (a new one when every pooled one is busy).
 - `flood` runs `--clients` loops of: request, read the answer, repeat at once, each on its own
-  keep-alive connection, the clients joining evenly over the first second; after a 503 with `Retry-After` a loop first waits that long, as an HTTP
-  client with retries does (urllib3's default), unless `--ignore-retry-after`.
+  keep-alive connection, the clients joining evenly over the first second; after a 503 with
+  `Retry-After` a loop first waits that long, as an HTTP client with retries does (urllib3's
+  default), unless `--ignore-retry-after`.
 - Either way a request not answered within `--timeout` seconds is abandoned: its connection is
   closed (the only way an HTTP/1.1 client can give up) and the next request opens a new one.
 
@@ -164,9 +165,9 @@ FLOOD_JOIN_S = 1.0  # flood clients start spread over this (not in one instant: 
 
 
 async def flood(req: Requester, clients: int, honour_retry_after: bool = True) -> None:
-    """`clients` loops of request, answer, repeat, joining evenly over FLOOD_JOIN_S. A 503 with Retry-After makes a loop wait that
-    long first (as urllib3's Retry does by default for 413, 429 and 503) unless
-    `honour_retry_after` is off; any other answer, including 502 and 504, is followed at once."""
+    """`clients` loops of request, answer, repeat, joining evenly over FLOOD_JOIN_S. A 503 with
+    Retry-After makes a loop wait that long first (as urllib3's Retry does by default for 413, 429
+    and 503) unless `honour_retry_after` is off; any other answer, 502 and 504 too, is followed at once."""
 
     async def loop(r: Requester, join_after: float) -> None:
         await asyncio.sleep(join_after)
