@@ -94,12 +94,23 @@ def check_host(value: bytes) -> bytes:
     return value
 
 
+# RFC 3986 unreserved, sub-delims, ":", "@", "/" and "?": a target made of these alone needs no
+# further checks (split_target's fast path).
+_PLAIN_TARGET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?"
+
+
 def split_target(target: bytes) -> tuple[bytes, bytes, bytes | None]:
     """Request target → (path, query-with-'?', authority or None for origin-form).
 
     Rejects what would route differently after an upstream's normalisation (dot segments,
     encoded dots and slashes, backslashes, bad escapes) instead of forwarding it.
     """
+    if target[:1] == b"/" and not target.translate(None, _PLAIN_TARGET) and target.find(b"/.") == -1:
+        # The usual origin-form target: only plain characters (no %, #, \\), no dot segment.
+        q = target.find(b"?")
+        if q == -1:
+            return target, b"", None
+        return target[:q], target[q:], None
     authority = None
     if target[:1] != b"/":
         lower = target[:8].lower()

@@ -249,8 +249,8 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.done:
-            return
+        # (Fields of a second response after a complete one land here too: on_message_begin has
+        # marked the connection broken and on_headers_complete ignores them.)
         # Only names as long as a special one need lowering (Server, Date, Content-Type do not).
         kind = RESPONSE_SPECIAL.get(name.lower()) if len(name) in _SPECIAL_LENGTHS else None
         if kind is None:
