@@ -111,6 +111,11 @@ def split_target(target: bytes) -> tuple[bytes, bytes, bytes | None]:
         if q == -1:
             return target, b"", None
         return target[:q], target[q:], None
+    return _split_target_checked(target)
+
+
+def _split_target_checked(target: bytes) -> tuple[bytes, bytes, bytes | None]:
+    """split_target for every target (the fast path must always agree with this)."""
     authority = None
     if target[:1] != b"/":
         lower = target[:8].lower()

@@ -1,0 +1,46 @@
+"""http1.py units: the request-target split, its fast path against the full checks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from laneproxy.errors import BadRequest
+from laneproxy.http1 import _split_target_checked, split_target
+
+# Plain characters, plus the ones that must leave the fast path (%, #, \, dots next to slashes).
+TARGET_CHARS = "ab/?.%#\\-_~!$&'()*+,;=:@Z09"
+
+
+def outcome(split, target: bytes) -> object:
+    try:
+        return split(target)
+    except BadRequest as exc:
+        return ("400", exc.reason)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=TARGET_CHARS, max_size=24))
+def test_fast_path_agrees_with_the_full_checks(tail: str) -> None:
+    target = ("/" + tail).encode()
+    assert outcome(split_target, target) == outcome(_split_target_checked, target)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (b"/", (b"/", b"", None)),
+        (b"/api/x?q=1&r=/./", (b"/api/x", b"?q=1&r=/./", None)),
+        (b"/a:b@c;d=e,f", (b"/a:b@c;d=e,f", b"", None)),
+        (b"http://h.example:8080/p?q", (b"/p", b"?q", b"h.example:8080")),
+    ],
+)
+def test_split(target: bytes, expected: tuple) -> None:
+    assert split_target(target) == expected
+
+
+@pytest.mark.parametrize("target", [b"/a/../b", b"/a/./b", b"/a%2fb", b"/a\\b", b"/a#f", b"/a%zz", b"*x"])
+def test_rejected(target: bytes) -> None:
+    with pytest.raises(BadRequest):
+        split_target(target)
