@@ -155,7 +155,7 @@ def client_argv(mode: str, port: int, path: str, duration: float, tag: str, out:
             "--port", str(port), "--path", path, "--duration", f"{duration:g}", "--tag", tag, "--out", str(out)]
     for key, value in options.items():
         if value is True:
-            argv.append(f"--{key}")
+            argv.append(f"--{key.replace('_', '-')}")
         elif value is not None and value is not False:
             argv += [f"--{key}", str(value)]
     return argv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,10 +202,42 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         ratio_table(rows),
         "",
     ]
+    paired = paired_table(rows)
+    if paired:
+        lines += [paired, ""]
     derived = derived_table(rows)
     if derived:
         lines += [derived, ""]
     return "\n".join(lines)
+
+
+def paired_table(rows: list[Row]) -> str:
+    """Per-CPU-second ratio to nginx round by round (each round runs the proxies back to back, so
+    the machine's drift between rounds cancels): the median and the range of the rounds."""
+    by_key = {(r.scenario, r.proxy): r for r in rows}
+    out = []
+    for row in rows:
+        base = by_key.get((row.scenario, "nginx"))
+        if row.proxy == "nginx" or base is None:
+            continue
+        mine = row.extra.get("req_per_cpu_s_rounds") or []
+        theirs = base.extra.get("req_per_cpu_s_rounds") or []
+        ratios = sorted(a / b for a, b in zip(mine, theirs) if a and b)
+        if len(ratios) < 2:
+            continue
+        median = statistics.median(ratios)
+        out.append(f"| {row.scenario} | {row.proxy} | {median:.2f} | {ratios[0]:.2f}–{ratios[-1]:.2f} | "
+                   + ", ".join(f"{r:.2f}" for r in ratios) + " |")
+    if not out:
+        return ""
+    return "\n".join([
+        "Per-CPU-second ratio to nginx round by round (the rounds' median; the table above divides "
+        "each proxy's own median round instead):",
+        "",
+        "| scenario | proxy / nginx | median of rounds | range | rounds (sorted) |",
+        "|---|---|---|---|---|",
+        *out,
+    ])
 
 
 def write_json(rows: list[Row], all_rows: list[Row], meta: dict[str, Any], path: Path) -> None:

@@ -331,6 +331,7 @@ def medians(all_rows: list[Row]) -> list[Row]:
         row.extra["runs"] = len(group)
         row.extra["failed_runs"] = len(group) - len(measured)
         row.extra["req_per_cpu_s_all"] = [round(r.req_per_cpu) for r in measured]
+        row.extra["req_per_cpu_s_rounds"] = [None if r.error else round(r.req_per_cpu) for r in group]
         picked.append(row)
     return picked
 
