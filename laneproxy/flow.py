@@ -153,6 +153,8 @@ class Sender:
     `flush_out` send what is queued now. The protocol has `transport`, `is_closed`, `outbox`,
     `sendq` (list) and `sendq_bytes`."""
 
+    __slots__ = ()
+
     transport: asyncio.Transport
     is_closed: bool
     outbox: Outbox

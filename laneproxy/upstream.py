@@ -37,6 +37,43 @@ NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE, SWITCHED = range(5)
 class UpstreamProtocol(Sender, asyncio.Protocol):
     """Parses responses for the Exchange it is lent to; idle, it only watches for EOF."""
 
+    __slots__ = (
+        "_poll",
+        "broken",
+        "conn_tokens",
+        "content_length",
+        "done",
+        "exchange",
+        "expires_at",
+        "gate",
+        "got_bytes",
+        "head_bytes",
+        "headers",
+        "informational",
+        "is_closed",
+        "is_idle",
+        "keep_alive",
+        "last_read",
+        "loop",
+        "mode",
+        "outbox",
+        "parser",
+        "parser_stale",
+        "read_deadline",
+        "read_timeout",
+        "reason",
+        "sendq",
+        "sendq_bytes",
+        "server",
+        "status",
+        "te",
+        "transport",
+        "tunnel",
+        "upgrade",
+        "uses",
+        "write_paused",
+    )
+
     def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
         # Per-connection state
         self.server = server
