@@ -16,7 +16,7 @@ status line, the filtered fields and its own framing, then each body piece at on
 unknown length is re-chunked for HTTP/1.1 clients and close-delimited for HTTP/1.0 clients.
 
 Rule 4. The upstream connection goes back to its pool only when the request was fully
-written, the response fully read, and nothing went wrong (`UpstreamProtocol.is_reusable`).
+written, the response fully read, and nothing went wrong (the check in `on_response_complete`).
 An upstream that answers before the request body is complete is closed, and the rest of the
 client's body is read and dropped so the client connection can stay open.
 
@@ -38,7 +38,7 @@ from laneproxy.flow import CONNECTING, PEER_BUSY
 from laneproxy.http1 import CRLF, REASON, STATUS_LINE, error_response, status_line
 from laneproxy.queue import FULL, QUEUED
 from laneproxy.tunnel import Tunnel, open_tunnel
-from laneproxy.upstream import LENGTH, NO_BODY, UpstreamProtocol
+from laneproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamProtocol
 
 if TYPE_CHECKING:
     from laneproxy.downstream import DownstreamProtocol
@@ -302,7 +302,11 @@ class Exchange(UpstreamLink):
         server = self.server
         if server.fails:  # type: ignore[union-attr]
             self.lane.record_success(server)  # type: ignore[union-attr,arg-type]
-        reusable = up.is_reusable and self.req_sent  # type: ignore[union-attr]
+        # Rule 4 (style.md habit 6): keep-alive allowed, message complete, nothing left over, no error.
+        reusable = (
+            self.req_sent and up.keep_alive and up.done and not up.broken  # type: ignore[union-attr]
+            and not up.is_closed and up.mode != UNTIL_CLOSE  # type: ignore[union-attr]
+        )
         self._release_upstream(reusable)
         if self.req_done:
             self._finish()

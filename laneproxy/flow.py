@@ -118,18 +118,14 @@ class Deadline:
 
 
 class Outbox:
-    """The sides with queued bytes in this loop iteration; flushed once, at its end (rule 4)."""
+    """The sides with queued bytes in this loop iteration; flushed once, at its end (rule 4).
+    A side adds itself (Sender.send) and schedules the flush when it is the first."""
 
     __slots__ = ("loop", "sides", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.sides: list[Sender] = []
-
-    def add(self, side: Sender) -> None:
-        if not self.sides:
-            self.loop.call_soon(self.flush)
-        self.sides.append(side)
 
     def flush(self) -> None:
         sides = self.sides
@@ -164,7 +160,11 @@ class Sender:
     def send(self, data: bytes) -> None:
         sendq = self.sendq
         if not sendq:
-            self.outbox.add(self)
+            box = self.outbox
+            sides = box.sides
+            if not sides:
+                box.loop.call_soon(box.flush)
+            sides.append(self)
             self.sendq_bytes = len(data)
         else:
             self.sendq_bytes += len(data)

@@ -240,11 +240,6 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         self.last_read = now = self.loop.time()
         self.read_deadline.set(now + self.read_timeout)
 
-    @property
-    def is_reusable(self) -> bool:
-        """Keep-alive allowed, message complete, nothing left over, no error (style.md habit 6)."""
-        return self.keep_alive and self.done and not self.broken and not self.is_closed and self.mode != UNTIL_CLOSE
-
     def close(self) -> None:
         if not self.is_closed:
             self.is_closed = True
