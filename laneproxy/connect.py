@@ -36,7 +36,7 @@ class UpstreamLink:
         server.requests += 1
         conn = None if fresh else server.pool.acquire()
         if conn is not None:
-            self._attach(conn, reused=True)
+            self._attach(conn, True)  # reused
             return True
         self.down.gate.close(CONNECTING)
         server.pool.connecting += 1
@@ -73,7 +73,7 @@ class UpstreamLink:
             server.pool.release(conn, True)
             return
         self.down.gate.open(CONNECTING)
-        self._attach(conn, reused=False)
+        self._attach(conn, False)  # fresh
 
     def _attach(self, conn: UpstreamProtocol, reused: bool) -> None:
         self.t_conn = self.down.loop.time()

@@ -197,7 +197,7 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
             return
         if self.lingering or self.parse_dead:
             return
-        self.idle_deadline.clear()
+        self.idle_deadline.when = 0.0  # Deadline.clear(), inlined on the hot path
         if data[0] in (13, 10) and self.current is None and not self.in_head:
             # httptools skips stray CR/LF before a request line; only whole empty lines are allowed.
             stripped = data.lstrip(b"\r\n")
@@ -469,7 +469,7 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.read_deadline.clear()
+        self.read_deadline.when = 0.0  # (clear)
         ex = build_exchange(self)
         self.current = ex
         self.chunk_guard = ChunkLineGuard() if ex.body_kind == BODY_CHUNKED else None
@@ -492,7 +492,7 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.current
         self.current = None
-        self.read_deadline.clear()
+        self.read_deadline.when = 0.0  # (clear)
         if ex is not None:
             ex.on_request_complete()
         if not self.closing and not self.lingering and ex is not None and not ex.keep_alive:

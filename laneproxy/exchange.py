@@ -166,7 +166,7 @@ class Exchange(UpstreamLink):
         lane.in_flight += 1  # type: ignore[union-attr]
         self.counted = True
         self.started = self.down.loop.time()
-        if not self._acquire(fresh=False):
+        if not self._acquire(False):  # a pooled connection when there is one
             self.answer(ConnectFailed(f"no live upstream servers in lane {lane.name}"))  # type: ignore[union-attr]
 
     async def _serve_static(self) -> None:
