@@ -26,8 +26,11 @@ sends at once, so deferral never buffers more than that and backpressure (rule 2
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import Callable
+
+log = logging.getLogger("laneproxy.flow")
 
 KiB = 1024
 HIGH_WATER = 64 * KiB
@@ -131,7 +134,10 @@ class Outbox:
         sides = self.sides
         self.sides = []
         for side in sides:
-            side.flush_out()
+            try:
+                side.flush_out()
+            except Exception:  # one side's failure must not hold back the others' bytes
+                log.exception("sending queued bytes")
 
 
 _outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()

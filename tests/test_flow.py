@@ -295,3 +295,18 @@ def test_a_closed_side_drops_what_it_had_queued() -> None:
     side.is_closed = True
     loop.run_soon()
     assert side.transport.writes == 0  # type: ignore[attr-defined]
+
+
+def test_one_failing_side_does_not_hold_back_the_others(caplog) -> None:
+    loop = FakeLoop()
+    bad, good = Side(loop), Side(loop)
+
+    def refuse(data: bytes) -> None:
+        raise RuntimeError("Cannot call write() after write_eof()")
+
+    bad.transport.write = refuse  # type: ignore[method-assign]
+    bad.send(b"x")
+    good.send(b"y")
+    loop.run_soon()
+    assert bytes(good.transport._buffer) == b"y"  # type: ignore[attr-defined]
+    assert "sending queued bytes" in caplog.text
