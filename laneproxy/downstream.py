@@ -12,7 +12,7 @@ from collections import deque
 
 import httptools
 
-from laneproxy.context import MAX_FIELD_LINE, Context
+from laneproxy.context import Context
 from laneproxy.errors import BadRequest, ProxyError
 from laneproxy.exchange import BODY_CHUNKED, BODY_NONE, RESP_DONE, Exchange
 from laneproxy.flow import (
@@ -25,80 +25,25 @@ from laneproxy.flow import (
     Deadline,
     ReadGate,
     Sender,
-    outbox_for,
 )
-from laneproxy.http1 import (
-    H_CL,
-    H_CONNECTION,
-    H_EXPECT,
-    H_HOST,
-    H_TE,
-    H_UPGRADE,
-    H_XFF,
-    REQUEST_SPECIAL,
-    ChunkLineGuard,
-    error_response,
-    split_tokens,
-)
-from laneproxy.request import build_exchange
+from laneproxy.http1 import ChunkLineGuard, error_response
+from laneproxy.request import RequestHead, build_exchange
 from laneproxy.tunnel import Tunnel
 
 LINGER_SECONDS = 5.0  # after an error answer, read and drop for at most this long, then close
 
 
-class DownstreamProtocol(Sender, asyncio.Protocol):
+class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
     """Parses client requests, builds their Exchanges, and writes their responses in order."""
 
     __slots__ = (
-        "_drain_waiter",
-        "_starting",
-        "active",
-        "chunk_guard",
-        "closing",
-        "conn_tokens",
-        "content_length",
-        "ctx",
-        "current",
-        "deferred",
-        "expect",
-        "fwd_fixed",
-        "fwd_own",
-        "gate",
-        "head_bytes",
-        "header_bytes",
-        "header_count",
-        "headers",
-        "host",
-        "host_fields",
-        "host_ok",
-        "http11",
-        "idle_deadline",
-        "in_head",
-        "is_closed",
-        "last_offer",
-        "lingering",
-        "loop",
-        "outbox",
-        "parse_dead",
-        "parser",
-        "peer_eof",
-        "peer_ip",
-        "queue",
-        "read_deadline",
-        "requests",
-        "send_deadline",
-        "sendq",
-        "sendq_bytes",
-        "te",
-        "transport",
-        "trusted",
-        "tunnel",
-        "unread",
-        "upgrade",
-        "upgrade_wait",
-        "url",
-        "write_paused",
-        "xff",
+        "_drain_waiter", "_starting", "active", "chunk_guard", "closing", "conn_tokens",
+        "content_length", "ctx", "current", "deferred", "expect", "fwd_fixed", "fwd_own", "gate",
+        "head_bytes", "header_bytes", "header_count", "headers", "host", "host_fields", "host_ok",
+        "http11", "idle_deadline", "in_head", "is_closed", "last_offer", "lingering", "loop",
+        "outbox", "parse_dead", "parser", "peer_eof", "peer_ip", "queue", "read_deadline",
+        "requests", "send_deadline", "sendq", "sendq_bytes", "te", "transport", "trusted", "tunnel",
+        "unread", "upgrade", "upgrade_wait", "url", "write_paused", "xff",
     )
 
     def __init__(self, ctx: Context) -> None:
@@ -121,9 +66,7 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
         self.http11 = True
         self.write_paused = False
         self.is_closed = False
-        self.outbox = outbox_for(self.loop)
-        self.sendq: list[bytes] = []  # response bytes waiting for the end of this loop iteration
-        self.sendq_bytes = 0
+        self.init_sending(self.loop)  # response bytes wait for the end of the loop iteration
         self.closing = False  # no more requests will be read; close after the active exchange
         self.lingering = False
         self.last_offer: Exchange | None = None
@@ -142,20 +85,6 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
         self.send_deadline = Deadline(self.loop, self._on_send_timeout)
         # Per-request state
         self._reset_request()
-
-    def _reset_request(self) -> None:
-        self.url = b""
-        self.headers: list[bytes] = []
-        self.host: bytes | None = None
-        self.content_length: int | None = None
-        self.te: list[bytes] | None = None
-        self.conn_tokens: list[bytes] | None = None
-        self.expect: bytes | None = None
-        self.xff: list[bytes] | None = None
-        self.upgrade: bytes | None = None
-        self.header_count = 0
-        self.header_bytes = 0
-        self.deferred: ProxyError | None = None
 
     # -- Protocol interface -------------------------------------------------------------------
 
@@ -419,53 +348,6 @@ class DownstreamProtocol(Sender, asyncio.Protocol):
         self.requests += 1
         self.ctx.requests += 1
         self._reset_request()
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        if len(self.url) > self.ctx.max_request_line:
-            raise ProxyError("request line too long", 414)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_count += 1
-        size = len(name) + len(value) + 4
-        self.header_bytes += size
-        ctx = self.ctx
-        if size > MAX_FIELD_LINE or self.header_bytes > ctx.max_header_size:
-            raise ProxyError("request header fields too large", 431)
-        if self.header_count > ctx.max_headers:
-            raise ProxyError("too many request header fields", 431)
-        lname = name.lower()
-        kind = REQUEST_SPECIAL.get(lname)
-        if kind is None:
-            if name.find(b"_") != -1 and self.ctx.underscore_headers != "allow":  # (not `in`: http1.split_target)
-                # nginx underscores_in_headers off: Content_Length never reaches an upstream that
-                # might read it as Content-Length.
-                if self.ctx.underscore_headers == "reject":
-                    raise BadRequest("header name with an underscore")
-                return
-            self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
-            return
-        value = value.strip(b" \t")
-        if not value.isascii():  # obs-text is opaque data, never part of framing or routing
-            raise BadRequest(f"non-ASCII bytes in {name.decode('latin-1')}")
-        if kind == H_HOST:
-            if self.host is not None:
-                self.deferred = BadRequest("more than one Host field")
-            self.host = value
-        elif kind == H_CL:
-            self.content_length = int(value)  # httptools checked 1*DIGIT, no duplicates
-        elif kind == H_TE:
-            self.te = (self.te or []) + split_tokens(value)
-        elif kind == H_CONNECTION:
-            self.conn_tokens = (self.conn_tokens or []) + split_tokens(value)
-        elif kind == H_EXPECT:
-            self.expect = value.lower()
-        elif kind == H_XFF:
-            if self.trusted:
-                self.xff = (self.xff or []) + [value]
-        elif kind == H_UPGRADE:
-            self.upgrade = value if self.upgrade is None else self.upgrade + b", " + value
-        # H_DROP: hop-by-hop or laneproxy's own forwarding fields
 
     def on_headers_complete(self) -> None:
         self.in_head = False

@@ -163,6 +163,11 @@ class Sender:
     sendq: list[bytes]
     sendq_bytes: int
 
+    def init_sending(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.outbox = outbox_for(loop)
+        self.sendq = []
+        self.sendq_bytes = 0
+
     def send(self, data: bytes) -> None:
         sendq = self.sendq
         if not sendq:
@@ -188,7 +193,5 @@ class Sender:
 
     def write(self, data: bytes) -> None:
         """Send now, after anything queued."""
-        if self.sendq:
-            self.flush_out()
-        if not self.is_closed:
-            self.transport.write(data)
+        self.sendq.append(data)
+        self.flush_out()

@@ -1,5 +1,9 @@
 """Request building: a parsed request head becomes an Exchange with laneproxy's own upstream head.
 
+`RequestHead` collects the head as the parser delivers it (the downstream protocol's URL and
+field callbacks: limits, the fields laneproxy handles itself, the ones it forwards);
+`build_exchange` takes the complete head from there.
+
 Every request is validated on its own (version, method, target, Host, framing, Expect, Upgrade),
 routed by its path, and re-serialised: the request line, Host, the forwarded fields minus the
 hop-by-hop ones, X-Real-IP / X-Forwarded-* / Via, then exactly one framing header.
@@ -9,15 +13,103 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from laneproxy.context import MAX_FIELD_LINE, Context
 from laneproxy.errors import BadRequest, BodyTooLarge, NoRoute, ProxyError
 from laneproxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, Exchange
-from laneproxy.http1 import BODY_METHODS, CRLF, IDEMPOTENT, VIA, check_host, split_target, split_tokens
+from laneproxy.http1 import (
+    BODY_METHODS,
+    CRLF,
+    H_CL,
+    H_CONNECTION,
+    H_EXPECT,
+    H_HOST,
+    H_TE,
+    H_UPGRADE,
+    H_XFF,
+    IDEMPOTENT,
+    REQUEST_SPECIAL,
+    VIA,
+    check_host,
+    split_target,
+    split_tokens,
+)
 
 if TYPE_CHECKING:
     from laneproxy.downstream import DownstreamProtocol
 
 _KEEP_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade"))
 
+
+
+class RequestHead:
+    """The request head as httptools delivers it, for DownstreamProtocol (a mixin on its slots):
+    the URL, the forwarded field lines, and the fields laneproxy handles itself."""
+
+    __slots__ = ()
+
+    ctx: Context
+    trusted: bool
+
+    def _reset_request(self) -> None:
+        self.url = b""
+        self.headers: list[bytes] = []
+        self.host: bytes | None = None
+        self.content_length: int | None = None
+        self.te: list[bytes] | None = None
+        self.conn_tokens: list[bytes] | None = None
+        self.expect: bytes | None = None
+        self.xff: list[bytes] | None = None
+        self.upgrade: bytes | None = None
+        self.header_count = 0
+        self.header_bytes = 0
+        self.deferred: ProxyError | None = None
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.ctx.max_request_line:
+            raise ProxyError("request line too long", 414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        size = len(name) + len(value) + 4
+        self.header_bytes += size
+        ctx = self.ctx
+        if size > MAX_FIELD_LINE or self.header_bytes > ctx.max_header_size:
+            raise ProxyError("request header fields too large", 431)
+        if self.header_count > ctx.max_headers:
+            raise ProxyError("too many request header fields", 431)
+        lname = name.lower()
+        kind = REQUEST_SPECIAL.get(lname)
+        if kind is None:
+            if name.find(b"_") != -1 and self.ctx.underscore_headers != "allow":  # (`find`: see split_target)
+                # nginx underscores_in_headers off: Content_Length never reaches an upstream that
+                # might read it as Content-Length.
+                if self.ctx.underscore_headers == "reject":
+                    raise BadRequest("header name with an underscore")
+                return
+            self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
+            return
+        value = value.strip(b" \t")
+        if not value.isascii():  # obs-text is opaque data, never part of framing or routing
+            raise BadRequest(f"non-ASCII bytes in {name.decode('latin-1')}")
+        if kind == H_HOST:
+            if self.host is not None:
+                self.deferred = BadRequest("more than one Host field")
+            self.host = value
+        elif kind == H_CL:
+            self.content_length = int(value)  # httptools checked 1*DIGIT, no duplicates
+        elif kind == H_TE:
+            self.te = (self.te or []) + split_tokens(value)
+        elif kind == H_CONNECTION:
+            self.conn_tokens = (self.conn_tokens or []) + split_tokens(value)
+        elif kind == H_EXPECT:
+            self.expect = value.lower()
+        elif kind == H_XFF:
+            if self.trusted:
+                self.xff = (self.xff or []) + [value]
+        elif kind == H_UPGRADE:
+            self.upgrade = value if self.upgrade is None else self.upgrade + b", " + value
+        # H_DROP: hop-by-hop or laneproxy's own forwarding fields
 
 
 def build_exchange(down: DownstreamProtocol) -> Exchange:
@@ -57,7 +149,7 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
     else:
         if host != down.host_ok:  # a keep-alive client repeats its Host: validate it once
             down.host_ok = check_host(host)
-            down.host_fields = b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (host, VIA)
+            down.host_fields = host_fields_for(host)
         out_host = down.host_ok
         host_fields = down.host_fields
     te = down.te
@@ -114,7 +206,7 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
     else:
         forwarded = down.fwd_own  # precomputed per connection
     if host_fields is None:
-        host_fields = b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (out_host, VIA)
+        host_fields = host_fields_for(out_host)
     offer = None
     if down.upgrade is not None and http11 and down.conn_tokens and b"upgrade" in down.conn_tokens:
         tokens = split_tokens(down.upgrade)
@@ -146,6 +238,11 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
     ex.target = url
     ex.fields = down.headers
     return ex
+
+def host_fields_for(host: bytes) -> bytes:
+    """X-Forwarded-Host and Via as laneproxy adds them upstream."""
+    return b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (host, VIA)
+
 
 def request_fields(down: DownstreamProtocol) -> dict[bytes, bytes]:
     """The forwarded fields as {lower-name: value} (repeated lines joined), for local responders."""

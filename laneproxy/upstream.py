@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from laneproxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
-from laneproxy.flow import HIGH_WATER, LOW_WATER, Deadline, ReadGate, Sender, outbox_for
+from laneproxy.flow import HIGH_WATER, LOW_WATER, Deadline, ReadGate, Sender
 from laneproxy.http1 import R_CL, R_CONNECTION, R_KEEPALIVE, R_TE, R_UPGRADE, RESPONSE_SPECIAL, split_tokens
 
 if TYPE_CHECKING:
@@ -84,9 +84,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         self.parser_stale = False
         self.uses = 0
         self.is_closed = False
-        self.outbox = outbox_for(loop)
-        self.sendq: list[bytes] = []  # request bytes waiting for the end of this loop iteration
-        self.sendq_bytes = 0
+        self.init_sending(loop)  # request bytes wait for the end of the loop iteration
         self.is_idle = False
         self.got_bytes = False  # any response byte for the current exchange (not the keep-alive race)
         self.expires_at = float("inf")  # from the upstream's `Keep-Alive: timeout=N`
