@@ -37,7 +37,7 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
     """Parses client requests, builds their Exchanges, and writes their responses in order."""
 
     __slots__ = (
-        "_drain_waiter", "_starting", "active", "chunk_guard", "closing", "conn_tokens",
+        "_drain_waiter", "_starting", "active", "chunk_guard", "closing", "conn_tokens", "cr_pending", "te_trailers_at",
         "content_length", "ctx", "current", "deferred", "expect", "fwd_fixed", "fwd_own", "gate",
         "head_bytes", "header_bytes", "header_count", "headers", "host", "host_fields", "host_ok",
         "http11", "idle_deadline", "in_head", "is_closed", "last_offer", "lingering", "loop",
@@ -74,6 +74,8 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
         self.host_ok: bytes | None = None  # the last Host value that passed validation here
         self.host_fields = b""  # X-Forwarded-Host and Via for host_ok
         self.parse_dead = False
+        self.cr_pending = False  # a read ended in CR between requests: the LF may come next
+        self.te_trailers_at = 0  # the number of the last request that sent `TE: trailers`
         self.unread = False  # client bytes we will not read may be queued (close with lingering)
         self._starting = False
         self.in_head = False
@@ -126,13 +128,26 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
             return
         if self.lingering or self.parse_dead:
             return
-        self.idle_deadline.when = 0.0  # Deadline.clear(), inlined on the hot path
-        if data[0] in (13, 10) and self.current is None and not self.in_head:
-            # httptools skips stray CR/LF before a request line; only whole empty lines are allowed.
+        if (data[0] in (13, 10) or self.cr_pending) and self.current is None and not self.in_head:
+            # httptools skips stray CR/LF before a request line; only whole empty lines are allowed
+            # (RFC 9112 §2.2), also when a CRLF is split between two reads.
+            if self.cr_pending:
+                self.cr_pending = False
+                data = b"\r" + data
             stripped = data.lstrip(b"\r\n")
-            if data[: len(data) - len(stripped)].replace(b"\r\n", b""):
+            blank = data[: len(data) - len(stripped)]
+            if not stripped and blank[-1] == 13:
+                self.cr_pending = True
+                blank = blank[:-1]
+            if blank.replace(b"\r\n", b""):
                 self._request_error(BadRequest("bare CR or LF before the request line"))
                 return
+            if not stripped:
+                # Empty lines only: no request has begun, so the header (or keep-alive) timer
+                # keeps running; a trickle of CRLFs must not hold the connection open.
+                return
+            data = stripped
+        self.idle_deadline.when = 0.0  # Deadline.clear(), inlined on the hot path
         guard = self.chunk_guard
         if guard is not None and self.current is not None:
             if not guard.feed(data):
@@ -180,6 +195,9 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
             if self.current is None and not self.in_head and str(exc).startswith("Data after"):
                 self.parse_dead = True  # bytes after `Connection: close`: answer, then close
                 self.unread = True
+                return
+            if self.current is None and str(exc).find("PRI") != -1:  # the HTTP/2 preface (a2)
+                self._request_error(ProxyError("HTTP/2 is not supported on this listener", 505))
                 return
             self._request_error(BadRequest(f"malformed request ({exc})"))
             return

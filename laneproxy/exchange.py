@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from laneproxy.connect import UpstreamLink
 from laneproxy.errors import BodyTooLarge, ConnectFailed, LaneBusy, ProxyError, UpstreamStatus
 from laneproxy.flow import CONNECTING, PEER_BUSY
-from laneproxy.http1 import CRLF, REASON, STATUS_LINE, error_response, status_line
+from laneproxy.http1 import CRLF, REASON, STATUS_LINE, error_response, http_date, status_line
 from laneproxy.queue import FULL, QUEUED
 from laneproxy.tunnel import Tunnel, open_tunnel
 from laneproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamProtocol
@@ -64,7 +64,7 @@ class Exchange(UpstreamLink):
         "reused", "req_done", "req_sent", "resp", "rechunk", "tries", "connect_task", "aborted",
         "counted", "status", "out", "head_written", "static", "tried", "started",
         "server_busy", "upgrade", "early", "tunnel", "queued",
-        "t0", "t_conn", "t_head", "bytes_out", "target", "fields", "logged",
+        "t0", "t_conn", "t_head", "bytes_out", "target", "fields", "logged", "trailers_ok",
     )
 
     def __init__(
@@ -103,6 +103,7 @@ class Exchange(UpstreamLink):
         self.req_sent = False
         self.resp = RESP_NONE
         self.rechunk = False
+        self.trailers_ok = False  # the client sent `TE: trailers` (F11)
         self.tries = 0
         self.tried: tuple[Server, ...] = ()
         self.started = 0.0
@@ -253,6 +254,8 @@ class Exchange(UpstreamLink):
         if line is None or REASON[status] != up.reason:
             line = status_line(status, up.reason)
         parts = [line]
+        if not up.has_date:  # RFC 9110 §6.6.1: a recipient with a clock adds the missing Date
+            parts.append(b"Date: %s\r\n" % http_date())
         parts += up.headers
         mode = up.mode
         if mode == LENGTH:
@@ -296,7 +299,11 @@ class Exchange(UpstreamLink):
     def on_response_complete(self) -> None:
         up = self.up
         if self.rechunk:
-            self.out.append(LAST_CHUNK)
+            trailers = up.trailers  # type: ignore[union-attr]
+            if trailers and self.trailers_ok:  # F11: only to a client that asked for them
+                self.out.append(b"0\r\n%s\r\n" % b"".join(trailers))
+            else:
+                self.out.append(LAST_CHUNK)
         self.flush()
         self.resp = RESP_DONE
         server = self.server

@@ -15,6 +15,7 @@ from laneproxy.errors import BadRequest
 
 CRLF = b"\r\n"
 VIA = b"1.1 laneproxy"
+VIA_10 = b"1.0 laneproxy"  # for requests received as HTTP/1.0
 
 REASON: dict[int, bytes] = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
 STATUS_LINE: dict[int, bytes] = {
@@ -32,7 +33,7 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
 # Request fields laneproxy never forwards as received: framing is re-serialised, hop-by-hop
 # fields are removed (RFC 9110 §7.6.1), and the forwarding fields are laneproxy's own.
 # Values: what the downstream parser does with the field (see downstream.on_header).
-H_HOST, H_CL, H_TE, H_CONNECTION, H_EXPECT, H_XFF, H_DROP, H_UPGRADE = range(8)
+H_HOST, H_CL, H_TE, H_CONNECTION, H_EXPECT, H_XFF, H_DROP, H_UPGRADE, H_TE_HOP = range(9)
 REQUEST_SPECIAL: dict[bytes, int] = {
     b"host": H_HOST,
     b"content-length": H_CL,
@@ -44,7 +45,7 @@ REQUEST_SPECIAL: dict[bytes, int] = {
     b"keep-alive": H_DROP,
     b"proxy-connection": H_DROP,
     b"proxy-authorization": H_DROP,
-    b"te": H_DROP,
+    b"te": H_TE_HOP,  # hop-by-hop; `trailers` in it lets response trailers through (F11)
     b"trailer": H_DROP,
     b"x-real-ip": H_DROP,
     b"x-forwarded-proto": H_DROP,
@@ -52,8 +53,9 @@ REQUEST_SPECIAL: dict[bytes, int] = {
 }
 
 # Response fields handled by the upstream side rather than copied.
-R_CL, R_TE, R_CONNECTION, R_DROP, R_KEEPALIVE, R_UPGRADE = range(6)
+R_CL, R_TE, R_CONNECTION, R_DROP, R_KEEPALIVE, R_UPGRADE, R_DATE = range(7)
 RESPONSE_SPECIAL: dict[bytes, int] = {
+    b"date": R_DATE,  # kept; noted so that a response without one gets laneproxy's (RFC 9110 §6.6.1)
     b"content-length": R_CL,
     b"transfer-encoding": R_TE,
     b"connection": R_CONNECTION,
@@ -62,6 +64,17 @@ RESPONSE_SPECIAL: dict[bytes, int] = {
     b"trailer": R_DROP,
     b"upgrade": R_UPGRADE,
 }
+
+# Fields never passed on as response trailers (RFC 9110 §6.5.1: framing, routing, request
+# modifiers, authentication, response control and content processing; Go's net/http list).
+TRAILER_DENY = frozenset((
+    b"authorization", b"cache-control", b"connection", b"content-encoding", b"content-length",
+    b"content-range", b"content-type", b"date", b"expect", b"expires", b"host", b"keep-alive",
+    b"location", b"max-forwards", b"pragma", b"proxy-authenticate", b"proxy-authorization",
+    b"proxy-connection", b"range", b"retry-after", b"set-cookie", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"vary", b"www-authenticate",
+))
+MAX_TRAILERS = 16 * 1024  # bytes of response trailer fields (431-like bound: 502 / abort beyond)
 
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 # Methods whose request is expected to carry a body: an empty one is sent as Content-Length: 0.
@@ -81,15 +94,18 @@ def split_tokens(value: bytes) -> list[bytes]:
 
 # -- request target and Host (RFC 9112 §3.2) ---------------------------------------------------
 
-_HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::([0-9]{1,5}))?")
+# RFC 9110 §4.2.1 / RFC 3986 §3.2: a non-empty host (an empty one is invalid), then an optional
+# port of *DIGIT (`example.com:` is valid, as nginx takes it).
+_HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::([0-9]{0,5}))?")
 _PCT_RE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 # Encoded dot, slash and backslash: an upstream that decodes them would route differently.
-_ENCODED_SEP_RE = re.compile(rb"%(?:2[eEfF]|5[cC])")
+# An encoded NUL: nginx refuses it (400) and C-string upstreams cut the path at it.
+_ENCODED_SEP_RE = re.compile(rb"%(?:2[eEfF]|5[cC]|00)")
 
 
 def check_host(value: bytes) -> bytes:
     m = _HOST_RE.fullmatch(value)
-    if not value or m is None or (m.group(1) is not None and int(m.group(1)) > 65535):
+    if m is None or (m.group(1) and int(m.group(1)) > 65535):
         raise BadRequest("invalid Host")
     return value
 
@@ -154,7 +170,7 @@ def check_path(path: bytes) -> None:
     if _PCT_RE.search(path):
         raise BadRequest("invalid percent-encoding in path")
     if _ENCODED_SEP_RE.search(path):
-        raise BadRequest("encoded '.', '/' or '\\' in path")
+        raise BadRequest("encoded '.', '/', '\\' or NUL in path")
     for segment in path.split(b"/"):
         if segment == b"." or segment == b"..":
             raise BadRequest("dot segment in path")

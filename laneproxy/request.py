@@ -24,11 +24,13 @@ from laneproxy.http1 import (
     H_EXPECT,
     H_HOST,
     H_TE,
+    H_TE_HOP,
     H_UPGRADE,
     H_XFF,
     IDEMPOTENT,
     REQUEST_SPECIAL,
     VIA,
+    VIA_10,
     check_host,
     split_target,
     split_tokens,
@@ -49,6 +51,8 @@ class RequestHead:
 
     ctx: Context
     trusted: bool
+    requests: int
+    te_trailers_at: int
 
     def _reset_request(self) -> None:
         self.url = b""
@@ -104,6 +108,9 @@ class RequestHead:
             self.conn_tokens = (self.conn_tokens or []) + split_tokens(value)
         elif kind == H_EXPECT:
             self.expect = value.lower()
+        elif kind == H_TE_HOP:
+            if b"trailers" in split_tokens(value):
+                self.te_trailers_at = self.requests  # this request accepts response trailers
         elif kind == H_XFF:
             if self.trusted:
                 self.xff = (self.xff or []) + [value]
@@ -141,7 +148,14 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
     host = down.host
     host_fields = None
     if authority is not None:
-        out_host = authority  # RFC 9112 §3.2.2: the target's authority replaces Host
+        # RFC 9112 §3.2.2: the target's authority replaces Host; Host must still be present (in
+        # HTTP/1.1) and valid (§3.2), as nginx checks it.
+        if host is None:
+            if http11:
+                raise BadRequest("missing Host")
+        elif host != down.host_ok:
+            check_host(host)
+        out_host = authority
     elif host is None:
         if http11:
             raise BadRequest("missing Host")
@@ -205,7 +219,9 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
         forwarded = down.fwd_fixed + b"X-Forwarded-For: %s, %s\r\n" % (b", ".join(down.xff), down.peer_ip)
     else:
         forwarded = down.fwd_own  # precomputed per connection
-    if host_fields is None:
+    if not http11:
+        host_fields = host_fields_for(out_host, VIA_10)  # RFC 9110 §7.6.3: the version received
+    elif host_fields is None:
         host_fields = host_fields_for(out_host)
     offer = None
     if down.upgrade is not None and http11 and down.conn_tokens and b"upgrade" in down.conn_tokens:
@@ -222,7 +238,10 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
         framing = b"Content-Length: 0\r\n\r\n"
     else:
         framing = CRLF
-    target = b"*" if url == b"*" else route.upstream_path(path) + query
+    if url == b"*" or (authority is not None and method == b"OPTIONS" and url.endswith(b"//" + authority)):
+        target = b"*"  # RFC 9112 §3.2.4: OPTIONS to an absolute-form URI with an empty path
+    else:
+        target = route.upstream_path(path) + query
     head = b"".join([
         method, b" ", target, b" HTTP/1.1\r\nHost: ", out_host, CRLF,
         *headers,
@@ -235,13 +254,15 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
     )
     if offer is not None:
         down.last_offer = ex
+    if down.te_trailers_at == down.requests:
+        ex.trailers_ok = True
     ex.target = url
     ex.fields = down.headers
     return ex
 
-def host_fields_for(host: bytes) -> bytes:
+def host_fields_for(host: bytes, via: bytes = VIA) -> bytes:
     """X-Forwarded-Host and Via as laneproxy adds them upstream."""
-    return b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (host, VIA)
+    return b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (host, via)
 
 
 def request_fields(down: DownstreamProtocol) -> dict[bytes, bytes]:

@@ -12,6 +12,7 @@ the callbacks; bytes after a complete response make the connection unusable.
 from __future__ import annotations
 
 import asyncio
+import re
 import select
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,18 @@ import httptools
 
 from laneproxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
 from laneproxy.flow import HIGH_WATER, LOW_WATER, Deadline, ReadGate, Sender
-from laneproxy.http1 import R_CL, R_CONNECTION, R_KEEPALIVE, R_TE, R_UPGRADE, RESPONSE_SPECIAL, split_tokens
+from laneproxy.http1 import (
+    MAX_TRAILERS,
+    R_CL,
+    R_CONNECTION,
+    R_DATE,
+    R_KEEPALIVE,
+    R_TE,
+    R_UPGRADE,
+    RESPONSE_SPECIAL,
+    TRAILER_DENY,
+    split_tokens,
+)
 
 if TYPE_CHECKING:
     from laneproxy.exchange import Exchange
@@ -29,6 +41,16 @@ if TYPE_CHECKING:
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 MAX_RESPONSE_HEAD = 64 * 1024  # like nginx proxy_buffer_size limits it (502 beyond)
 _SPECIAL_LENGTHS = frozenset(len(name) for name in RESPONSE_SPECIAL)
+# Reason phrases already checked (RFC 9112 §4: HTAB, SP, VCHAR, obs-text): the usual few repeat.
+_GOOD_REASONS: set[bytes] = {b"", b"OK"}
+_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
+
+
+def check_reason(reason: bytes) -> None:
+    if _BAD_REASON(reason):
+        raise UpstreamProtocolError("control character in the upstream's reason phrase")
+    if len(_GOOD_REASONS) < 256:
+        _GOOD_REASONS.add(reason)
 
 # Response framing modes.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE, SWITCHED = range(5)
@@ -45,6 +67,8 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         "done",
         "exchange",
         "expires_at",
+        "has_date",
+        "trailers",
         "gate",
         "got_bytes",
         "head_bytes",
@@ -103,6 +127,8 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         self.head_bytes = 0  # raw bytes read while the head is incomplete
         self.reason = b""
         self.headers: list[bytes] = []
+        self.has_date = False
+        self.trailers: list[bytes] | None = None
         self.content_length: int | None = None
         self.te: list[bytes] | None = None
         self.conn_tokens: list[bytes] | None = None
@@ -279,12 +305,17 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # (Fields of a second response after a complete one land here too: on_message_begin has
-        # marked the connection broken and on_headers_complete ignores them.)
+        if self.mode != -1:  # after the head: a trailer field of a chunked body
+            if not self.done:  # (or a field of a second response: the connection is broken)
+                self._on_trailer(name, value)
+            return
         # Only names as long as a special one need lowering (Server, Date, Content-Type do not).
         kind = RESPONSE_SPECIAL.get(name.lower()) if len(name) in _SPECIAL_LENGTHS else None
         if kind is None:
             self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
+        elif kind == R_DATE:
+            self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
+            self.has_date = True
         elif kind == R_CL:
             self.content_length = int(value)  # httptools has checked 1*DIGIT and duplicates
         elif kind == R_TE:
@@ -302,7 +333,16 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         ex = self.exchange
         status = self.parser.get_status_code()
         self.status = status
+        reason = self.reason
+        if reason not in _GOOD_REASONS:
+            check_reason(reason)
         if status < 200:
+            if status < 100:  # RFC 9110 §15: status codes are 100-599 (llhttp takes any 3 digits)
+                raise UpstreamProtocolError(f"invalid status code {status:03d} from upstream")
+            if self.content_length or self.te is not None:
+                # RFC 9112 §6.3(1): a 1xx ends at its blank line. llhttp would read a body for it,
+                # and that body (or a response hidden in it) must never reach the client.
+                raise UpstreamProtocolError("upstream sent content with a 1xx response")
             if status == 101:
                 # Only to a protocol the client asked for and the lane allows (RFC 9110 §7.8).
                 offered = ex.upgrade  # type: ignore[union-attr]
@@ -341,6 +381,17 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
             self.mode = UNTIL_CLOSE
             self.keep_alive = False
         ex.on_response_head(self)  # type: ignore[union-attr]
+
+    def _on_trailer(self, name: bytes, value: bytes) -> None:
+        """Kept for a client that sent `TE: trailers`, minus what may not be a trailer (F11)."""
+        trailers = self.trailers
+        if trailers is None:
+            trailers = self.trailers = []
+        line = b"".join((name, b": ", value.strip(b" \t"), b"\r\n"))
+        if sum(map(len, trailers)) + len(line) > MAX_TRAILERS:
+            raise UpstreamProtocolError("upstream trailer section too large")
+        if name.lower() not in TRAILER_DENY:
+            trailers.append(line)
 
     def on_body(self, body: bytes) -> None:
         if self.done:

@@ -284,6 +284,7 @@ def forwarded_head(
     peer: bytes = b"192.0.2.7",
     xff: bytes | None = None,
     forwarded_host: bytes | None = None,
+    via: bytes = b"1.1 laneproxy",
 ) -> bytes:
     """The head laneproxy writes upstream: its own request line, Host, fields, forwarding, Via, framing."""
     return b"".join([
@@ -294,6 +295,25 @@ def forwarded_head(
         b"X-Forwarded-Proto: http\r\n",
         b"X-Forwarded-For: ", xff or peer, b"\r\n",
         b"X-Forwarded-Host: ", forwarded_host or host, b"\r\n",
-        b"Via: 1.1 laneproxy\r\n",
+        b"Via: ", via, b"\r\n",
         framing,
     ])
+
+
+# -- the Date laneproxy adds to a response that has none (RFC 9110 §6.6.1) ----------------------
+
+FIXED_DATE = b"Sun, 06 Nov 1994 08:49:37 GMT"  # RFC 9110's own example
+
+
+def fix_date(monkeypatch: Any) -> None:
+    """Stop the clock of the Date field that laneproxy adds, so relayed bytes can be compared."""
+    import laneproxy.exchange
+
+    monkeypatch.setattr(laneproxy.exchange, "http_date", lambda: FIXED_DATE)
+
+
+def dated(response: bytes) -> bytes:
+    """`response` (from an upstream that sent no Date) as laneproxy relays it: with its own Date
+    after the status line (the clock stopped by `fix_date`)."""
+    end = response.index(b"\r\n") + 2
+    return response[:end] + b"Date: " + FIXED_DATE + b"\r\n" + response[end:]

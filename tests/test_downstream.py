@@ -16,7 +16,22 @@ from laneproxy.config import ClientConfig
 from laneproxy.downstream import LINGER_SECONDS, Context, DownstreamProtocol
 from laneproxy.flow import HIGH_WATER, LOW_WATER
 from laneproxy.router import Router
-from tests.helpers import OK_5, FakeLoop, MockTransport, ProxyPair, forwarded_head, lane_config, parse_response_heads
+from tests.helpers import (
+    OK_5,
+    FakeLoop,
+    MockTransport,
+    ProxyPair,
+    dated,
+    fix_date,
+    forwarded_head,
+    lane_config,
+    parse_response_heads,
+)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    fix_date(monkeypatch)  # responses without Date get laneproxy's: compare them byte for byte
 
 # -- requests -------------------------------------------------------------------------------------
 
@@ -395,7 +410,7 @@ async def test_response_is_relayed_and_the_connection_pooled(pair: ProxyPair) ->
     up, up_t = pair.pooled_upstream()
     pair.send(GET_API)
     up.data_received(OK_HELLO)
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 5\r\n\r\nhello"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 5\r\n\r\nhello")
     assert pair.pool.idle == 1 and pair.pool.active == 0
     assert up.is_idle and not up_t.closed
     assert pair.lane.in_flight == 0 and pair.lane.served == 1
@@ -407,7 +422,7 @@ async def test_response_in_pieces_is_relayed_as_it_comes(pair: ProxyPair) -> Non
     up, _ = pair.pooled_upstream()
     pair.send(GET_API)
     up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
     up.data_received(b"llo")
     assert pair.down_t.take() == b"llo"
     assert pair.pool.idle == 1
@@ -417,7 +432,8 @@ async def test_until_close_body_is_rechunked_for_http11(pair: ProxyPair) -> None
     up, up_t = pair.pooled_upstream()
     pair.send(GET_API)
     up.data_received(b"HTTP/1.1 200 OK\r\nServer: up\r\n\r\nabc")
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nServer: up\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    relayed = b"HTTP/1.1 200 OK\r\nServer: up\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    assert pair.down_t.take() == dated(relayed)
     up.data_received(b"defg")
     assert pair.down_t.take() == b"4\r\ndefg\r\n"
     up.connection_lost(None)  # the upstream's EOF ends the body
@@ -431,10 +447,11 @@ async def test_until_close_body_is_rechunked_for_http11(pair: ProxyPair) -> None
 async def test_until_close_body_is_close_delimited_for_http10(pair: ProxyPair) -> None:
     up, up_t = pair.pooled_upstream()
     pair.send(b"GET /api/x HTTP/1.0\r\nHost: a\r\n\r\n")
-    assert up_t.take() == forwarded_head(b"GET /x HTTP/1.1")  # laneproxy speaks 1.1 upstream
+    # laneproxy speaks 1.1 upstream; Via names the version received (RFC 9110 §7.6.3)
+    assert up_t.take() == forwarded_head(b"GET /x HTTP/1.1", via=b"1.0 laneproxy")
     up.data_received(b"HTTP/1.1 200 OK\r\n\r\nabc")
     up.connection_lost(None)
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc")
     assert is_half_or_fully_closed(pair.down_t)
 
 
@@ -444,8 +461,43 @@ async def test_chunked_response_is_rechunked(pair: ProxyPair) -> None:
     up.data_received(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n"
     )
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     assert pair.pool.idle == 1
+
+
+CHUNKED_WITH_TRAILERS = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    b"0\r\nX-Checksum: abc \r\nAuthorization: x\r\nSet-Cookie: s=1\r\ngrpc-status: 0\r\n\r\n"
+)
+
+
+async def test_response_trailers_pass_to_a_client_that_sent_te_trailers(pair: ProxyPair) -> None:
+    # F11: passed only on `TE: trailers`, and never a field that frames, routes or authenticates.
+    up, up_t = pair.pooled_upstream()
+    pair.send(b"GET /api/x HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nConnection: TE\r\n\r\n")
+    assert up_t.take() == forwarded_head(b"GET /x HTTP/1.1")  # TE itself is hop-by-hop
+    up.data_received(CHUNKED_WITH_TRAILERS)
+    assert pair.down_t.take() == dated(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        b"0\r\nX-Checksum: abc\r\ngrpc-status: 0\r\n\r\n"
+    )
+    assert pair.pool.idle == 1
+    # The next request on the connection did not ask: its response ends without trailers.
+    pair.send(GET_API)
+    up.data_received(CHUNKED_WITH_TRAILERS)
+    assert pair.down_t.take().endswith(b"5\r\nhello\r\n0\r\n\r\n")
+
+
+async def test_oversized_response_trailers_abort_the_client(pair: ProxyPair) -> None:
+    up, _ = pair.pooled_upstream()
+    pair.send(b"GET /api/x HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n")
+    many = b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 1000) for i in range(20))
+    up.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    assert pair.down_t.take().endswith(b"5\r\nhello\r\n")  # the head has left: no clean 502 now
+    up.data_received(b"0\r\n" + many + b"\r\n")  # 20 KiB of trailers, over MAX_TRAILERS
+    out = pair.down_t.take()
+    assert b"0\r\n" not in out and b"X-T0" not in out  # no last chunk: the client sees a cut body
+    assert pair.down_t.aborted and pair.pool.idle == 0
 
 
 async def test_head_response_keeps_content_length_has_no_body_and_is_reusable(pair: ProxyPair) -> None:
@@ -453,7 +505,7 @@ async def test_head_response_keeps_content_length_has_no_body_and_is_reusable(pa
     pair.send(HEAD_API)
     assert up_t.take() == forwarded_head(b"HEAD /x HTTP/1.1")
     up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
     assert pair.pool.idle == 1
     assert not up_t.closed
     # The same pooled connection answers the next request correctly (http-rules a2 pitfall 1:
@@ -461,7 +513,7 @@ async def test_head_response_keeps_content_length_has_no_body_and_is_reusable(pa
     pair.send(b"GET /api/y HTTP/1.1\r\nHost: a\r\n\r\n")
     assert up_t.take() == forwarded_head(b"GET /y HTTP/1.1")
     up.data_received(OK_HELLO)
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 5\r\n\r\nhello"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 5\r\n\r\nhello")
     assert pair.pool.idle == 1
     assert up.uses == 2
 
@@ -482,10 +534,10 @@ async def test_pipelined_requests_go_upstream_one_at_a_time(pair: ProxyPair) -> 
     assert up_t.take() == forwarded_head(b"GET /1 HTTP/1.1")  # the second waits its turn
     assert pair.down_t.read_paused  # and reading stops while it waits
     up.data_received(OK_1)
-    assert pair.down_t.take() == OK_1
+    assert pair.down_t.take() == dated(OK_1)
     assert up_t.take() == forwarded_head(b"GET /2 HTTP/1.1")  # on the same pooled connection
     up.data_received(OK_2)
-    assert pair.down_t.take() == OK_2
+    assert pair.down_t.take() == dated(OK_2)
     assert not pair.down_t.read_paused
     assert pair.pool.idle == 1 and up.uses == 2
 
@@ -498,7 +550,7 @@ async def test_pipelined_bad_request_is_answered_in_turn(pair: ProxyPair) -> Non
     up.data_received(OK_1)
     out = pair.down_t.take()
     assert parse_response_heads(out) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"]
-    assert out.startswith(OK_1)
+    assert out.startswith(dated(OK_1))
     assert is_half_or_fully_closed(pair.down_t)
     assert up_t.buffer == b""
     assert pair.pool.idle == 1
@@ -570,7 +622,7 @@ async def test_upstream_early_answer_while_write_paused_lets_the_client_body_dra
     up2.pause_writing()
     assert pair.down_t.read_paused
     up2.data_received(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
-    assert pair.down_t.take() == b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
     assert up2_t.closed
     assert not pair.down_t.read_paused, f"client reading stays paused: gate={pair.down.gate.reasons}"
 

@@ -14,7 +14,21 @@ import pytest
 from laneproxy.flow import HIGH_WATER, LOW_WATER
 from laneproxy.lane import Lane, Server
 from laneproxy.upstream import UpstreamProtocol
-from tests.helpers import FakeLoop, MockTransport, ProxyPair, forwarded_head, lane_config, parse_response_heads
+from tests.helpers import (
+    FakeLoop,
+    MockTransport,
+    ProxyPair,
+    dated,
+    fix_date,
+    forwarded_head,
+    lane_config,
+    parse_response_heads,
+)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    fix_date(monkeypatch)  # responses without Date get laneproxy's: compare them byte for byte
 
 GET_API = b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n"
 GET_API_Y = b"GET /api/y HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -115,7 +129,7 @@ async def test_upstream_connection_close_is_relayed_without_closing_the_client(p
     up, up_t = pair.pooled_upstream()
     pair.send(GET_API)
     up.data_received(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello")
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
     assert up_t.closed and pair.pool.idle == 0
     assert not pair.down_t.closed and not pair.down_t.eof_written
 
@@ -124,7 +138,7 @@ async def test_http10_upstream_response_is_not_reused(pair: ProxyPair) -> None:
     up, up_t = pair.pooled_upstream()
     pair.send(GET_API)
     up.data_received(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
     assert up_t.closed and pair.pool.idle == 0
 
 
@@ -142,7 +156,7 @@ async def test_hop_by_hop_response_fields_are_dropped(pair: ProxyPair) -> None:
         b"Content-Length: 2\r\n"
         b"\r\nok"
     )
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nContent-Length: 2\r\n\r\nok"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nContent-Length: 2\r\n\r\nok")
     assert pair.pool.idle == 1
 
 
@@ -150,7 +164,7 @@ async def test_custom_reason_phrase_is_kept(pair: ProxyPair) -> None:
     up, _ = pair.pooled_upstream()
     pair.send(GET_API)
     up.data_received(b"HTTP/1.1 200 Fine\r\nContent-Length: 0\r\n\r\n")
-    assert pair.down_t.take() == b"HTTP/1.1 200 Fine\r\nContent-Length: 0\r\n\r\n"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 Fine\r\nContent-Length: 0\r\n\r\n")
 
 
 @pytest.mark.parametrize(
@@ -167,12 +181,12 @@ async def test_bodiless_statuses_end_at_the_head_and_the_connection_is_reused(
     pair.send(GET_API)
     reason = b"No Content" if status == 204 else b"Not Modified"
     up.data_received(b"HTTP/1.1 %d %s\r\nContent-Length: 7\r\nETag: e\r\n\r\n" % (status, reason))
-    assert pair.down_t.take() == relayed
+    assert pair.down_t.take() == dated(relayed)
     assert pair.pool.idle == 1
     pair.send(GET_API_Y)
     assert up_t.take().endswith(forwarded_head(b"GET /y HTTP/1.1"))
     up.data_received(OK_WORLD)  # not eaten as the 7 bytes the head announced
-    assert pair.down_t.take() == OK_WORLD
+    assert pair.down_t.take() == dated(OK_WORLD)
     assert pair.pool.idle == 1
 
 
@@ -180,10 +194,10 @@ async def test_head_response_does_not_eat_the_next_response(pair: ProxyPair) -> 
     up, up_t = pair.pooled_upstream()
     pair.send(b"HEAD /api/x HTTP/1.1\r\nHost: a\r\n\r\n")
     up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
     pair.send(GET_API_Y)
     up.data_received(OK_WORLD)
-    assert pair.down_t.take() == OK_WORLD
+    assert pair.down_t.take() == dated(OK_WORLD)
     assert pair.pool.idle == 1 and not up_t.closed
 
 
@@ -261,7 +275,7 @@ async def test_103_is_forwarded_and_100_is_not(pair: ProxyPair) -> None:
     out = pair.down_t.take()
     assert out == (
         b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
-        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        + dated(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     )
     assert pair.pool.idle == 1
 
@@ -278,7 +292,7 @@ async def test_second_response_in_the_same_read_poisons_the_connection(pair: Pro
     up, up_t = pair.pooled_upstream()
     pair.send(GET_API)
     up.data_received(OK_HELLO + OK_WORLD)
-    assert pair.down_t.take() == OK_HELLO
+    assert pair.down_t.take() == dated(OK_HELLO)
     assert up_t.closed and pair.pool.idle == 0
 
 
@@ -287,7 +301,7 @@ async def test_bytes_after_the_response_in_a_later_read_close_the_idle_connectio
     pair.send(GET_API)
     up.data_received(OK_HELLO)
     up.data_received(b"junk")
-    assert pair.down_t.take() == OK_HELLO
+    assert pair.down_t.take() == dated(OK_HELLO)
     assert up_t.closed and pair.pool.idle == 0
 
 
@@ -300,7 +314,7 @@ async def test_bytes_after_the_response_in_the_same_read_close_the_connection_no
     up, up_t = pair.pooled_upstream()
     pair.send(GET_API)
     up.data_received(OK_HELLO + b"junk")
-    assert pair.down_t.take() == OK_HELLO
+    assert pair.down_t.take() == dated(OK_HELLO)
     assert up_t.closed and pair.pool.idle == 0
 
 
@@ -313,7 +327,7 @@ async def test_early_response_closes_the_connection_and_drops_the_rest_of_the_bo
     assert pair.down.active.up is up  # type: ignore[union-attr]
     assert up_t.take().endswith(b"hel")
     up.data_received(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
-    assert pair.down_t.take() == b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
     assert up_t.closed
     pair.send(b"lo12345")  # the rest of the body: read and dropped
     assert up_t.take() == b""
@@ -321,7 +335,7 @@ async def test_early_response_closes_the_connection_and_drops_the_rest_of_the_bo
     pair.send(GET_API_Y)
     assert other_t.take() == forwarded_head(b"GET /y HTTP/1.1")
     other.data_received(OK_WORLD)
-    assert pair.down_t.take() == OK_WORLD
+    assert pair.down_t.take() == dated(OK_WORLD)
 
 
 async def test_eof_before_the_response_to_a_post_is_502_without_retry(pair: ProxyPair) -> None:
@@ -340,7 +354,7 @@ async def test_eof_in_the_middle_of_a_body_aborts_the_client(pair: ProxyPair) ->
     up, _ = pair.pooled_upstream()
     pair.send(GET_API)
     up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
     up.connection_lost(None)
     assert pair.down_t.aborted  # no fake completion of a truncated body
     assert pair.pool.idle == 0
@@ -352,7 +366,7 @@ async def test_eof_in_the_middle_of_a_rechunked_body_sends_no_last_chunk(pair: P
     up.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
     up.connection_lost(None)
     out = pair.down_t.take()
-    assert out == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    assert out == dated(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
     assert not out.endswith(b"0\r\n\r\n")
     assert pair.down_t.aborted
 
@@ -438,7 +452,7 @@ def test_keep_alive_timeout_hint_retires_the_pooled_connection_before_the_upstre
     up, up_t = pair.pooled_upstream()
     pair.send(GET_API)
     up.data_received(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2, max=100\r\nContent-Length: 0\r\n\r\n")
-    assert pair.down_t.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert pair.down_t.take() == dated(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert pair.pool.idle == 1
     loop.advance(1.0)
     assert pair.pool.acquire() is up  # still inside the upstream's timeout
