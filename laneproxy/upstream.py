@@ -310,6 +310,10 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
                 self._on_trailer(name, value)
             return
         # Only names as long as a special one need lowering (Server, Date, Content-Type do not).
+        if name == b"Date":  # the usual spelling, without the lookup below
+            self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
+            self.has_date = True
+            return
         kind = RESPONSE_SPECIAL.get(name.lower()) if len(name) in _SPECIAL_LENGTHS else None
         if kind is None:
             self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
