@@ -11,7 +11,7 @@ import time
 from email.utils import formatdate
 from http import HTTPStatus
 
-from laneproxy.errors import BadRequest
+from laneproxy.errors import BadRequest, UpstreamProtocolError
 
 CRLF = b"\r\n"
 VIA = b"1.1 laneproxy"
@@ -23,10 +23,17 @@ STATUS_LINE: dict[int, bytes] = {
 }
 
 
+_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
+
+
 def status_line(status: int, reason: bytes = b"") -> bytes:
+    """laneproxy's own status line (I1); an upstream's reason phrase is checked here, where a
+    non-standard one is written (RFC 9112 §4: HTAB, SP, VCHAR, obs-text; never a CTL or NUL)."""
     line = STATUS_LINE.get(status)
     if line is not None and not reason:
         return line
+    if _BAD_REASON(reason):
+        raise UpstreamProtocolError("control character in the upstream's reason phrase")
     return b"HTTP/1.1 %d %s\r\n" % (status, reason or b"Unknown")
 
 

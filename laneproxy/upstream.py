@@ -12,7 +12,6 @@ the callbacks; bytes after a complete response make the connection unusable.
 from __future__ import annotations
 
 import asyncio
-import re
 import select
 from typing import TYPE_CHECKING
 
@@ -41,16 +40,6 @@ if TYPE_CHECKING:
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 MAX_RESPONSE_HEAD = 64 * 1024  # like nginx proxy_buffer_size limits it (502 beyond)
 _SPECIAL_LENGTHS = frozenset(len(name) for name in RESPONSE_SPECIAL)
-# Reason phrases already checked (RFC 9112 §4: HTAB, SP, VCHAR, obs-text): the usual few repeat.
-_GOOD_REASONS: set[bytes] = {b"", b"OK"}
-_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
-
-
-def check_reason(reason: bytes) -> None:
-    if _BAD_REASON(reason):
-        raise UpstreamProtocolError("control character in the upstream's reason phrase")
-    if len(_GOOD_REASONS) < 256:
-        _GOOD_REASONS.add(reason)
 
 # Response framing modes.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE, SWITCHED = range(5)
@@ -337,9 +326,6 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         ex = self.exchange
         status = self.parser.get_status_code()
         self.status = status
-        reason = self.reason
-        if reason not in _GOOD_REASONS:
-            check_reason(reason)
         if status < 200:
             if status < 100:  # RFC 9110 §15: status codes are 100-599 (llhttp takes any 3 digits)
                 raise UpstreamProtocolError(f"invalid status code {status:03d} from upstream")
