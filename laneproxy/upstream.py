@@ -41,6 +41,15 @@ POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 MAX_RESPONSE_HEAD = 64 * 1024  # like nginx proxy_buffer_size limits it (502 beyond)
 _SPECIAL_LENGTHS = frozenset(len(name) for name in RESPONSE_SPECIAL)
 
+def trailer_fields(lines: list[bytes]) -> list[bytes]:
+    """The trailer field lines of a chunked response, kept for a client that sent `TE: trailers`,
+    minus what may not be a trailer (F11). (Content-Length, Transfer-Encoding, Connection and the
+    other fields the head handles never reach `lines`: on_header takes them aside.)"""
+    if sum(map(len, lines)) > MAX_TRAILERS:
+        raise UpstreamProtocolError("upstream trailer section too large")
+    return [line for line in lines if line[: line.find(b":")].lower() not in TRAILER_DENY]
+
+
 # Response framing modes.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE, SWITCHED = range(5)
 
@@ -57,6 +66,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         "exchange",
         "expires_at",
         "has_date",
+        "n_head",
         "trailers",
         "gate",
         "got_bytes",
@@ -183,6 +193,10 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
                 ex.upstream_failed(UpstreamProtocolError("upstream response header section too large"))
             elif ex.out:
                 ex.flush()
+            elif self.mode == CHUNKED and sum(map(len, self.headers[self.n_head :])) > MAX_TRAILERS:
+                # A read of trailer fields only (httptools has no limit): bound them as they come.
+                self.broken = True
+                ex.upstream_failed(UpstreamProtocolError("upstream trailer section too large"))
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -294,10 +308,6 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.mode != -1:  # after the head: a trailer field of a chunked body
-            if not self.done:  # (or a field of a second response: the connection is broken)
-                self._on_trailer(name, value)
-            return
         # Only names as long as a special one need lowering (Server, Date, Content-Type do not).
         if name == b"Date":  # the usual spelling, without the lookup below
             self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
@@ -365,23 +375,13 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
             self.parser_stale = True  # httptools would wait for a HEAD's Content-Length bytes
         elif self.te is not None:
             self.mode = CHUNKED
+            self.n_head = len(self.headers)  # fields after these are trailers
         elif self.content_length is not None:
             self.mode = LENGTH
         else:
             self.mode = UNTIL_CLOSE
             self.keep_alive = False
         ex.on_response_head(self)  # type: ignore[union-attr]
-
-    def _on_trailer(self, name: bytes, value: bytes) -> None:
-        """Kept for a client that sent `TE: trailers`, minus what may not be a trailer (F11)."""
-        trailers = self.trailers
-        if trailers is None:
-            trailers = self.trailers = []
-        line = b"".join((name, b": ", value.strip(b" \t"), b"\r\n"))
-        if sum(map(len, trailers)) + len(line) > MAX_TRAILERS:
-            raise UpstreamProtocolError("upstream trailer section too large")
-        if name.lower() not in TRAILER_DENY:
-            trailers.append(line)
 
     def on_body(self, body: bytes) -> None:
         if self.done:
@@ -396,6 +396,8 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         if not self.done:
             self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
             self.done = True
+            if self.mode == CHUNKED and len(self.headers) > self.n_head:
+                self.trailers = trailer_fields(self.headers[self.n_head :])
 
     def _keep_alive_hint(self, value: bytes) -> None:
         # `Keep-Alive: timeout=5, max=100`: retire the connection a little before the upstream

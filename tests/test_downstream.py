@@ -500,6 +500,19 @@ async def test_oversized_response_trailers_abort_the_client(pair: ProxyPair) -> 
     assert pair.down_t.aborted and pair.pool.idle == 0
 
 
+async def test_endless_response_trailers_are_bounded_as_they_come(pair: ProxyPair) -> None:
+    # httptools has no limit on trailer fields: an upstream that never ends them is cut off.
+    up, _ = pair.pooled_upstream()
+    pair.send(GET_API)
+    up.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
+    pair.down_t.take()
+    some = b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 1000) for i in range(10))
+    up.data_received(some)
+    assert not pair.down_t.aborted  # 10 KiB: still within MAX_TRAILERS
+    up.data_received(some)
+    assert pair.down_t.aborted and pair.pool.idle == 0
+
+
 async def test_head_response_keeps_content_length_has_no_body_and_is_reusable(pair: ProxyPair) -> None:
     up, up_t = pair.pooled_upstream()
     pair.send(HEAD_API)
