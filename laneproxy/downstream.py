@@ -8,6 +8,7 @@ Pipelined requests are queued and answered in order; reading pauses while one wa
 from __future__ import annotations
 
 import asyncio
+import select
 from collections import deque
 
 import httptools
@@ -21,6 +22,7 @@ from laneproxy.flow import (
     LOW_WATER,
     PEER_BUSY,
     PIPELINE,
+    POLLRDHUP,
     UPGRADE,
     Deadline,
     ReadGate,
@@ -251,6 +253,19 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
         for ex in self.queue:
             ex.abort()
         self.queue.clear()
+
+    def peer_hung_up(self) -> bool:
+        """While reading is paused: has the client closed or reset (one poll(2), no read)?"""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None or self.is_closed:
+            return self.is_closed
+        poll = select.poll()
+        poll.register(sock.fileno(), POLLRDHUP)
+        try:
+            events = poll.poll(0)
+        except OSError:
+            return True
+        return bool(events) and bool(events[0][1] & (POLLRDHUP | select.POLLHUP | select.POLLERR))
 
     def pause_writing(self) -> None:
         self.write_paused = True

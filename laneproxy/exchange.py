@@ -152,6 +152,19 @@ class Exchange(UpstreamLink):
     def admitted(self) -> None:
         """A queued exchange got its slot."""
         self.queued = False
+        if self.body_kind != BODY_NONE:
+            # Reading was paused while it waited (at most one read of body held), so a FIN or
+            # RST may be waiting unseen: a client that left is never sent upstream (abortonclose).
+            down = self.down
+            if down.peer_hung_up():
+                lane = self.lane
+                lane.queue.shed["client_gone"] += 1  # type: ignore[union-attr]
+                down.abort()  # connection_lost → abort(): nothing was counted or sent
+                waiter = lane.release_slot()  # type: ignore[union-attr]  # the slot goes on
+                if waiter is not None:
+                    waiter.admitted()  # type: ignore[attr-defined]
+                return
+            down.gate.open(CONNECTING)  # the rest of the body may come now
         self._go()
 
     def shed(self, reason: str) -> None:
@@ -338,6 +351,7 @@ class Exchange(UpstreamLink):
         retry = self._may_retry(err, connect_stage, race)
         if retry and race:
             self.tried = self.tried[:-1]  # the same server again, on a new connection
+            self.tries -= 1  # and not one of the lane's `retries` (a fresh one cannot race)
         log.warning(
             "%s failure: %s (lane %s, server %s, %s)", err.side, err.reason, lane.name if lane else "-",
             server.name if server else "-", "retrying" if retry else "not retried",
@@ -361,7 +375,9 @@ class Exchange(UpstreamLink):
         """Safe-retry rules: nothing reached the client, tries and time left, and either nothing
         was sent (connect stage) or the request is idempotent and fully replayable."""
         lane = self.lane
-        if self.resp != RESP_NONE or self.aborted or lane is None or self.tries > lane.retries:
+        if self.resp != RESP_NONE or self.aborted or lane is None:
+            return False
+        if self.tries > lane.retries and not race:  # the race costs no try (nginx: peer.cached)
             return False
         if lane.retry_timeout and self.down.loop.time() - self.started > lane.retry_timeout:
             return False

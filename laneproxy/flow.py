@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import weakref
 from collections.abc import Callable
 
@@ -43,6 +44,8 @@ PIPELINE = 2  # a pipelined request waits until the one before it is answered
 CONNECTING = 4  # the exchange has no upstream connection yet
 DRAINING = 8  # closing: nothing more is read (lingering close reads on its own)
 UPGRADE = 16  # an Upgrade request waits for the upstream's 101 (or its refusal)
+
+POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # the peer closed (or half-closed) its side
 
 
 class ReadGate:

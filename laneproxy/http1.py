@@ -128,8 +128,12 @@ def split_target(target: bytes) -> tuple[bytes, bytes, bytes | None]:
     Rejects what would route differently after an upstream's normalisation (dot segments,
     encoded dots and slashes, backslashes, bad escapes) instead of forwarding it.
     """
-    if target[:1] == b"/" and not target.translate(None, _PLAIN_TARGET) and target.find(b"/.") == -1:
-        # The usual origin-form target: only plain characters (no %, #, \\), no dot segment.
+    if (
+        target[:1] == b"/" and not target.translate(None, _PLAIN_TARGET)
+        and target.find(b"/.") == -1 and target.find(b"//") == -1
+    ):
+        # The usual origin-form target: only plain characters (no %, #, \\), no dot segment, no
+        # empty segment.
         q = target.find(b"?")
         if q == -1:
             return target, b"", None
@@ -168,7 +172,25 @@ def _split_target_checked(target: bytes) -> tuple[bytes, bytes, bytes | None]:
         raise BadRequest("fragment in request target")
     if path.find(b"%") != -1 or path.find(b"/.") != -1 or path.find(b"\\") != -1:
         check_path(path)
+        if path.find(b"%") != -1:
+            path = _PCT_ANY_RE.sub(_decode_unreserved, path)
+    if path.find(b"//") != -1:
+        path = _SLASHES_RE.sub(b"/", path)
     return path, query, authority
+
+
+# Routing sees a path as nginx's location matching does (http-rules a3: no lane bypass by an
+# equivalent spelling): escapes of unreserved characters decoded (RFC 3986 §6.2.2.2: `/t%61st` is
+# `/tast`) and runs of slashes merged (nginx merge_slashes). The normalised path is also what goes
+# upstream, so the upstream sees the path that was routed.
+_PCT_ANY_RE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_SLASHES_RE = re.compile(rb"/{2,}")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_~")
+
+
+def _decode_unreserved(m: re.Match[bytes]) -> bytes:
+    byte = int(m.group(1), 16)
+    return bytes((byte,)) if byte in _UNRESERVED else m.group(0)
 
 
 def check_path(path: bytes) -> None:

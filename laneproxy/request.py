@@ -106,8 +106,8 @@ class RequestHead:
             self.te = (self.te or []) + split_tokens(value)
         elif kind == H_CONNECTION:
             self.conn_tokens = (self.conn_tokens or []) + split_tokens(value)
-        elif kind == H_EXPECT:
-            self.expect = value.lower()
+        elif kind == H_EXPECT:  # repeated lines are one list (RFC 9110 §5.3): all must be known
+            self.expect = value.lower() if self.expect is None else self.expect + b", " + value.lower()
         elif kind == H_TE_HOP:
             if b"trailers" in split_tokens(value):
                 self.te_trailers_at = self.requests  # this request accepts response trailers

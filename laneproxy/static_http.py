@@ -165,10 +165,11 @@ def parse_range(value: bytes, size: int) -> tuple[int, int] | int | None:
 
 
 def if_range_ok(value: bytes, etag: bytes, mtime: int) -> bool:
-    """If-Range: the validator equals ours exactly (tag as sent, like nginx; or the same date)."""
+    """If-Range: the validator equals ours exactly (tag as sent, like nginx; or the same date).
+    Entity tags compare strongly (RFC 9110 §13.1.5): a weak one never matches."""
     value = value.strip()
     if value[-1:] == b'"':
-        return value == etag
+        return value == etag and not etag.startswith(b"W/")
     return parse_http_date(value) == mtime
 
 

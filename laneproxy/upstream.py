@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from laneproxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
-from laneproxy.flow import HIGH_WATER, LOW_WATER, Deadline, ReadGate, Sender
+from laneproxy.flow import HIGH_WATER, LOW_WATER, POLLRDHUP, Deadline, ReadGate, Sender
 from laneproxy.http1 import (
     MAX_TRAILERS,
     R_CL,
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from laneproxy.lane import Server
     from laneproxy.tunnel import Tunnel
 
-POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 MAX_RESPONSE_HEAD = 64 * 1024  # like nginx proxy_buffer_size limits it (502 beyond)
 _SPECIAL_LENGTHS = frozenset(len(name) for name in RESPONSE_SPECIAL)
 

@@ -394,7 +394,7 @@ def test_if_match_needs_strong_match() -> None:
     ({b"range": b"bytes=5-1"}, (200, None)),  # invalid: ignored
     ({b"range": b"bytes=a-b"}, (200, None)),
     ({b"range": b"items=0-1"}, (200, None)),
-    ({b"range": b"bytes=0-1", b"if-range": ETAG}, (206, (0, 1))),
+    ({b"range": b"bytes=0-1", b"if-range": ETAG}, (200, None)),  # weak: no strong match (§13.1.5)
     ({b"range": b"bytes=0-1", b"if-range": LM}, (206, (0, 1))),
     ({b"range": b"bytes=0-1", b"if-range": b'W/"stale"'}, (200, None)),
     ({b"range": b"bytes=0-1", b"if-range": http_date(MTIME - 1)}, (200, None)),
@@ -421,7 +421,8 @@ def test_parse_range_edges() -> None:
 
 
 def test_if_range() -> None:
-    assert if_range_ok(ETAG, ETAG, MTIME)
+    assert not if_range_ok(ETAG, ETAG, MTIME)  # a weak tag is never a strong match (RFC 9110 §13.1.5)
+    assert if_range_ok(b'"strong"', b'"strong"', MTIME)
     assert not if_range_ok(b'"nope"', ETAG, MTIME)
     assert if_range_ok(LM, ETAG, MTIME)
     assert not if_range_ok(http_date(MTIME + 1), ETAG, MTIME)
