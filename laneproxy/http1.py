@@ -11,7 +11,7 @@ import time
 from email.utils import formatdate
 from http import HTTPStatus
 
-from laneproxy.errors import BadRequest, UpstreamProtocolError
+from laneproxy.errors import BadRequest, BodyTooLarge, UpstreamProtocolError
 
 CRLF = b"\r\n"
 VIA = b"1.1 laneproxy"
@@ -246,17 +246,20 @@ class ChunkLineGuard:
     framing from the raw bytes (already validated by llhttp, so it only needs the sizes).
     """
 
-    __slots__ = ("skip", "line", "head", "done")
+    __slots__ = ("skip", "line", "head", "done", "limit", "declared")
     MAX_LINE = 1024 + 32  # 1 KiB of extensions plus the hex size and CRLF
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 0) -> None:
         self.skip = 0  # chunk data + CRLF still to pass over
         self.line = 0  # bytes of the current size line so far
-        self.head = b""  # its first bytes (the size)
+        self.head = b""  # the line up to its first ';' (the size, leading zeros and all)
         self.done = False  # the last chunk was seen: trailers follow (bounded as header fields)
+        self.limit = limit  # the lane's max_body (0: none)
+        self.declared = 0  # the sum of the chunk sizes so far
 
     def feed(self, data: bytes) -> bool:
-        """False when a chunk-size line is over the limit."""
+        """False when a chunk-size line is over the limit; BodyTooLarge as soon as the declared
+        chunk sizes pass `limit` (nginx: "client intended to send too large chunked body")."""
         i, n = 0, len(data)
         while i < n and not self.done:
             if self.skip:
@@ -266,8 +269,8 @@ class ChunkLineGuard:
                 continue
             j = data.find(b"\n", i)
             end = n if j == -1 else j + 1
-            if len(self.head) < 24:
-                self.head += data[i:min(end, i + 24)]
+            if self.head.find(b";") == -1:  # (bounded: the line is at most MAX_LINE)
+                self.head += data[i:end]
             self.line += end - i
             if self.line > self.MAX_LINE:
                 return False
@@ -280,7 +283,12 @@ class ChunkLineGuard:
             self.line, self.head = 0, b""
             if size == 0:
                 self.done = True
+            elif size >> 64:
+                return True  # llhttp refuses the overflow with its own 400
             else:
                 self.skip = size + 2
+                self.declared += size
+                if self.limit and self.declared > self.limit:
+                    raise BodyTooLarge(f"request body over the lane's max_body ({self.limit} bytes)")
             i = end
         return True

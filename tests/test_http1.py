@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laneproxy.errors import BadRequest
-from laneproxy.http1 import _split_target_checked, split_target
+from laneproxy.errors import BadRequest, BodyTooLarge
+from laneproxy.http1 import ChunkLineGuard, _split_target_checked, split_target
 
 # Plain characters, plus the ones that must leave the fast path (%, #, \, dots next to slashes).
 TARGET_CHARS = "ab/?.%#\\-_~!$&'()*+,;=:@Z09"
@@ -52,3 +52,30 @@ def test_split(target: bytes, expected: tuple) -> None:
 def test_rejected(target: bytes) -> None:
     with pytest.raises(BadRequest):
         split_target(target)
+
+
+# -- ChunkLineGuard: chunk-size lines of a chunked request body, followed from the raw bytes -------
+
+
+def test_chunk_guard_refuses_long_extensions_after_leading_zeros() -> None:
+    # llhttp takes leading zeros; the guard must read the whole size, not its first bytes.
+    guard = ChunkLineGuard()
+    assert guard.feed(b"0" * 30 + b"5\r\nhello\r\n")
+    assert not guard.done
+    assert not guard.feed(b"5;a=" + b"x" * 2000 + b"\r\nworld\r\n")
+
+
+def test_chunk_guard_passes_extensions_up_to_the_limit_across_reads() -> None:
+    guard = ChunkLineGuard()
+    assert guard.feed(b"5;a=" + b"x" * 500)
+    assert guard.feed(b"x" * 500 + b"\r\nhello\r\n0\r\n\r\n")
+    assert guard.done
+
+
+def test_chunk_guard_stops_a_declared_size_over_max_body_at_once() -> None:
+    guard = ChunkLineGuard(limit=1024)
+    assert guard.feed(b"400\r\n" + b"x" * 1024 + b"\r\n")  # exactly the limit
+    with pytest.raises(BodyTooLarge):
+        guard.feed(b"1\r\n")
+    with pytest.raises(BodyTooLarge):
+        ChunkLineGuard(limit=1 << 20).feed(b"ffffffffffffff\r\nhello")
