@@ -415,9 +415,9 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
         self._reset_request()
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
         self.read_deadline.when = 0.0  # (clear)
-        ex = build_exchange(self)
+        ex = build_exchange(self)  # (a refusal here is still "in the head": _request_error)
+        self.in_head = False
         self.current = ex
         if ex.body_kind == BODY_CHUNKED:
             self.chunk_guard = ChunkLineGuard(ex.lane.max_body if ex.lane is not None and ex.local is None else 0)
@@ -454,6 +454,8 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
         """The parser stopped on a bad request: answer it in turn, then close."""
         self.parse_dead = True
         self.unread = True  # the rest of what the client sent is never read: linger on close
+        # A HEAD refused in its head (414, 431, 505, 408) still gets no body (RFC 9110 §9.3.2).
+        method = b"HEAD" if self.in_head and self._method_is_head() else b"GET"
         self.in_head = False
         self.gate.close(DRAINING)
         ex = self.current
@@ -465,13 +467,19 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
             ex.local = err
             ex.keep_alive = False
             return
-        ex = Exchange(self, None, b"GET", b"", BODY_NONE, False, local=err)
+        ex = Exchange(self, None, method, b"", BODY_NONE, False, local=err)
         ex.req_done = True
         if self.active is None and not self.queue:
             self.active = ex
             ex.start()
         else:
             self.queue.append(ex)
+
+    def _method_is_head(self) -> bool:
+        try:
+            return self.parser.get_method() == b"HEAD"
+        except Exception:  # noqa: BLE001 - nothing parsed yet: not a HEAD
+            return False
 
     # -- deadlines ------------------------------------------------------------------------------
 

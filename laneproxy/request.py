@@ -37,6 +37,8 @@ from laneproxy.http1 import (
 )
 
 if TYPE_CHECKING:
+    import httptools
+
     from laneproxy.downstream import DownstreamProtocol
 
 _KEEP_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade"))
@@ -50,6 +52,7 @@ class RequestHead:
     __slots__ = ()
 
     ctx: Context
+    parser: httptools.HttpRequestParser
     trusted: bool
     requests: int
     te_trailers_at: int
@@ -70,7 +73,10 @@ class RequestHead:
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.ctx.max_request_line:
+        # The whole request line counts (nginx's buffer): method, target, two spaces and
+        # "HTTP/1.1"; the method is looked up only near the limit.
+        room = self.ctx.max_request_line - 13  # 13: the shortest method (3) and the rest (10)
+        if len(self.url) > room and len(self.parser.get_method()) + len(self.url) + 10 > room + 13:
             raise ProxyError("request line too long", 414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
