@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,18 +27,44 @@ _COMBINED = (
 )
 FLUSH_SECONDS = 1.0
 
+# Client bytes in the combined format are escaped as nginx does: `"`, `\` and every byte outside
+# printable ASCII become \xHH, so a value can neither end its quoted field nor forge a line.
+_UNSAFE = re.compile(rb'[^\x20\x21\x23-\x5b\x5d-\x7e]')
 
-def fields_of(ex: Exchange, *names: bytes) -> list[str | None]:
-    """Values of request fields by lower-case name (first of each)."""
-    found: list[str | None] = [None] * len(names)
+
+def _hex(m: re.Match[bytes]) -> bytes:
+    return b"\\x%02X" % m.group()[0]
+
+
+def escape(value: bytes) -> bytes:
+    return _UNSAFE.sub(_hex, value) if _UNSAFE.search(value) else value
+
+
+def text(value: bytes) -> str:
+    """A client value for the JSON log: UTF-8 as sent, other bytes as \\xHH (never mojibake)."""
+    return value.decode("utf-8", "backslashreplace")
+
+
+def raw_fields_of(ex: Exchange, *names: bytes) -> list[bytes | None]:
+    """Values of request fields by lower-case name (first of each), as sent."""
+    found: list[bytes | None] = [None] * len(names)
     for line in ex.fields:
         name, _, value = line[:-2].partition(b": ")
         name = name.lower()
         if name in names:
             i = names.index(name)
             if found[i] is None:
-                found[i] = value.decode("latin-1")
+                found[i] = value
     return found
+
+
+def fields_of(ex: Exchange, *names: bytes) -> list[str | None]:
+    """Values of request fields by lower-case name (first of each), as text."""
+    return [None if v is None else text(v) for v in raw_fields_of(ex, *names)]
+
+
+def _escaped(value: bytes | None) -> str:
+    return "-" if not value else escape(value).decode("ascii")
 
 
 def _ms(seconds: float) -> str:
@@ -130,7 +157,7 @@ class AccessLog:
         return {
             "client": ex.down.peer_ip.decode(),
             "method": ex.method.decode("latin-1"),
-            "target": ex.target.decode("latin-1") if ex.target else "-",
+            "target": text(ex.target) if ex.target else "-",
             "protocol": "HTTP/1.1" if ex.down.http11 else "HTTP/1.0",
             "status": ex.status or 499,
             "bytes": ex.bytes_out,
@@ -159,9 +186,12 @@ class AccessLog:
             return "-" if value is None else (_ms(value) if isinstance(value, float) else str(value))
 
         reason = f["reason"]
+        if reason:
+            reason = escape(str(reason).encode("utf-8", "backslashreplace")).decode("ascii")
+        referer, user_agent = raw_fields_of(ex, b"referer", b"user-agent")
         return (
-            f'{f["client"]} - - [{self._now()}] "{f["method"]} {f["target"]} {f["protocol"]}" {f["status"]} '
-            f'{f["bytes"]} "{f["referer"] or "-"}" "{f["user_agent"] or "-"}" rt={_ms(f["time"])} '  # type: ignore[arg-type]
+            f'{f["client"]} - - [{self._now()}] "{f["method"]} {_escaped(ex.target)} {f["protocol"]}" {f["status"]} '
+            f'{f["bytes"]} "{_escaped(referer)}" "{_escaped(user_agent)}" rt={_ms(f["time"])} '  # type: ignore[arg-type]
             f'lane={opt(f["lane"])} route={opt(f["route"])} up={opt(f["upstream"])} '
             f'uct={opt(f["upstream_connect_time"])} uht={opt(f["upstream_header_time"])} '
             f'urt={opt(f["upstream_response_time"])} qw={opt(f["queue_wait"])} retries={f["retries"]}'
@@ -181,8 +211,8 @@ class AccessLog:
         started = ex.started
         down = ex.down
         return _COMBINED % (
-            down.peer_ip, self._now_b(end), ex.method, ex.target, b"HTTP/1.1" if down.http11 else b"HTTP/1.0",
-            ex.status or 499, ex.bytes_out, referer, user_agent, end - ex.t0,
+            down.peer_ip, self._now_b(end), ex.method, escape(ex.target), b"HTTP/1.1" if down.http11 else b"HTTP/1.0",
+            ex.status or 499, ex.bytes_out, escape(referer), escape(user_agent), end - ex.t0,
             ex.lane.name_b, ex.route.prefix,  # type: ignore[union-attr]
             ex.server.name_b,  # type: ignore[union-attr]
             b"%.3f" % (ex.t_conn - started) if ex.t_conn else b"-",

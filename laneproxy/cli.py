@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -121,11 +122,26 @@ def _reload(args: argparse.Namespace) -> int:
 
 def _load(path: str | None, out) -> ProxyConfig | None:
     try:
-        return load_config(path)
+        cfg = load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=out)
         return None
+    problems = _file_problems(cfg)
+    for problem in problems:
+        print(problem, file=out)
+    return None if problems else cfg
+
+
+def _file_problems(cfg: ProxyConfig) -> list[str]:
+    """What the config names on disk and cannot be used (nginx -t opens its logs too)."""
+    if cfg.access_log and cfg.access_log != "-":
+        path = cfg.base_dir / cfg.access_log
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as exc:
+            return [f"access_log: cannot open {path}: {exc.strerror or exc}"]
+    return []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -67,6 +68,18 @@ def parse_size(value: Any) -> int:
     return size
 
 
+def _valid_host(host: str) -> bool:
+    """An IP address, or a DNS name (RFC 1123 labels); dotted digits must be a real IPv4."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if ":" in host or re.fullmatch(r"[0-9.]+", host):
+        return False  # not an IP address, and not a name either (999.1.1.1, [zz])
+    return all(re.fullmatch(r"(?!-)[A-Za-z0-9_\-]{1,63}(?<!-)", label) for label in host.rstrip(".").split("."))
+
+
 def parse_hostport(value: Any, allow_any_port: bool = False) -> tuple[str, int]:
     """`"host:port"` or `"[v6]:port"` → (host, port); a port alone means all interfaces.
 
@@ -81,13 +94,17 @@ def parse_hostport(value: Any, allow_any_port: bool = False) -> tuple[str, int]:
         host, sep, port_text = text[1:].partition("]:")
         if not sep:
             raise ValueError(f'expected "[ipv6]:port", got {value!r}')
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid host in {value!r}: not an IPv6 address") from None
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
             raise ValueError(f'expected "host:port", got {value!r}')
         if ":" in host:
             raise ValueError(f'write IPv6 addresses as "[addr]:port", got {value!r}')
-    if not host or not re.fullmatch(r"[A-Za-z0-9.\-:_]+", host):
+    if not host or not re.fullmatch(r"[A-Za-z0-9.\-:_]+", host) or not _valid_host(host):
         raise ValueError(f"invalid host in {value!r}")
     if not port_text.isdigit():
         raise ValueError(f"invalid port in {value!r}")
@@ -101,8 +118,15 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 HostPort = Annotated[tuple[str, int], BeforeValidator(parse_hostport)]
 ListenAddr = Annotated[tuple[str, int], BeforeValidator(lambda v: parse_hostport(v, allow_any_port=True))]
-PositiveInt = Annotated[int, Field(ge=1)]
-Count = Annotated[int, Field(ge=0)]
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML `yes`/`true` is not a number (pydantic would read 1)
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+PositiveInt = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
+Count = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
+PositiveDuration = Annotated[Duration, Field(gt=0)]
 
 
 def _one_or_many(value: Any) -> Any:
@@ -113,6 +137,8 @@ def _access_log(value: Any) -> Any:
     # YAML 1.1 reads a bare `off` as False; `off`/`false`/None all mean "no access log".
     if value is False or value is None or (isinstance(value, str) and value.lower() == "off"):
         return None
+    if isinstance(value, str) and not value.strip():
+        raise ValueError('an empty path: write off, "-" (stdout) or a file path')
     return value
 
 
@@ -131,9 +157,9 @@ class AdminConfig(_Model):
 class ClientConfig(_Model):
     """The downstream side; defaults follow nginx (client_header_timeout 60s, ...)."""
 
-    header_timeout: Duration = 60.0
-    body_timeout: Duration = 60.0
-    send_timeout: Duration = 60.0
+    header_timeout: PositiveDuration = 60.0
+    body_timeout: PositiveDuration = 60.0
+    send_timeout: PositiveDuration = 60.0
     keepalive_timeout: Duration = 75.0
     keepalive_requests: PositiveInt = 1000
     max_connections: PositiveInt = 10000
@@ -327,6 +353,14 @@ class ProxyConfig(_Model):
     def _listen(cls, value: Any) -> Any:
         return _one_or_many(value)
 
+    @field_validator("lanes", mode="before")
+    @classmethod
+    def _lane_keys(cls, value: Any) -> Any:
+        # A YAML key `1:` is the integer 1: lane names are text (routes name them as `lane: "1"`).
+        if isinstance(value, dict):
+            return {k if isinstance(k, str) else str(k): v for k, v in value.items()}
+        return value
+
     @field_validator("workers", mode="before")
     @classmethod
     def _workers(cls, value: Any) -> Any:
@@ -361,6 +395,12 @@ class ProxyConfig(_Model):
         fixed = [addr for addr in self.listen if addr[1] != 0]
         if len(set(fixed)) != len(fixed):
             problems.append(("listen", "the same address is listed twice"))
+        if self.admin is not None and self.admin.listen[1] != 0:
+            host, port = self.admin.listen
+            if any(p == port and h in (host, "0.0.0.0", "::") for h, p in fixed) or (
+                host in ("0.0.0.0", "::") and any(p == port for _, p in fixed)
+            ):
+                problems.append(("admin.listen", f"{host}:{port} is also a proxy listen address"))
         if problems:
             raise ConfigError([f"{path}: {msg}" for path, msg in problems])
         return self
@@ -408,6 +448,22 @@ def _message(err: dict[str, Any]) -> str:
     return msg
 
 
+def _duplicate_keys(node: Any, path: str = "") -> Iterator[str]:
+    """`yaml.path: duplicate key (line N)` for each key repeated in one mapping."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            here = f"{path}.{key}" if path else key
+            if key in seen:
+                yield f"{here}: duplicate key (line {key_node.start_mark.line + 1})"
+            seen.add(key)
+            yield from _duplicate_keys(value_node, here)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, f"{path}[{i}]")
+
+
 def parse_config(text: str, base_dir: Path | str = ".", source: str = "<config>") -> ProxyConfig:
     try:
         data = yaml.safe_load(text)
@@ -418,6 +474,9 @@ def parse_config(text: str, base_dir: Path | str = ".", source: str = "<config>"
         raise ConfigError([f"(yaml) {where}: {problem}"]) from None
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping with version: 1, lanes and routes"])
+    duplicates = list(_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)))
+    if duplicates:  # PyYAML keeps the last one silently; nginx refuses a duplicate upstream
+        raise ConfigError(duplicates)
     data = dict(data)
     # base_dir is a model field but not a YAML key: a file that sets it gets the unknown-key error.
     stray = [f"{key}: unknown key" for key in ("base_dir", "path") if key in data]

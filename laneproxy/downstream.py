@@ -454,8 +454,10 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
         """The parser stopped on a bad request: answer it in turn, then close."""
         self.parse_dead = True
         self.unread = True  # the rest of what the client sent is never read: linger on close
-        # A HEAD refused in its head (414, 431, 505, 408) still gets no body (RFC 9110 §9.3.2).
-        method = b"HEAD" if self.in_head and self._method_is_head() else b"GET"
+        # A request refused in its head (400, 414, 431, 505, 408) is answered and logged as what
+        # was read of it: a HEAD still gets no body (RFC 9110 §9.3.2).
+        in_head = self.in_head
+        method = (self._parsed_method() if in_head else None) or b"GET"
         self.in_head = False
         self.gate.close(DRAINING)
         ex = self.current
@@ -469,17 +471,20 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
             return
         ex = Exchange(self, None, method, b"", BODY_NONE, False, local=err)
         ex.req_done = True
+        if in_head and self.url:  # for the access log, as nginx logs $request for a 400
+            ex.target = self.url
+            ex.fields = self.headers
         if self.active is None and not self.queue:
             self.active = ex
             ex.start()
         else:
             self.queue.append(ex)
 
-    def _method_is_head(self) -> bool:
+    def _parsed_method(self) -> bytes | None:
         try:
-            return self.parser.get_method() == b"HEAD"
-        except Exception:  # noqa: BLE001 - nothing parsed yet: not a HEAD
-            return False
+            return self.parser.get_method()
+        except Exception:  # noqa: BLE001 - nothing parsed yet
+            return None
 
     # -- deadlines ------------------------------------------------------------------------------
 

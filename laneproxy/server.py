@@ -95,10 +95,13 @@ class Proxy:
 
     async def _bind(self, addr: tuple[str, int]) -> None:
         host, port = addr
-        server = await self.loop.create_server(
-            lambda: DownstreamProtocol(self.ctx), host, port,
-            backlog=BACKLOG, reuse_address=True, reuse_port=True if self.cfg.workers > 1 else None,
-        )
+        try:
+            server = await self.loop.create_server(
+                lambda: DownstreamProtocol(self.ctx), host, port,
+                backlog=BACKLOG, reuse_address=True, reuse_port=True if self.cfg.workers > 1 else None,
+            )
+        except OSError as exc:  # name the address: "Name or service not known" alone says little
+            raise OSError(exc.errno, f"{self._shown(host, port)}: {exc.strerror or exc}") from None
         self.servers.append(server)
         self.listeners[addr] = server
         for sock in server.sockets:
