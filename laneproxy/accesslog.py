@@ -210,9 +210,12 @@ class AccessLog:
                 user_agent = line[12:-2]
         started = ex.started
         down = ex.down
+        target = ex.target
+        if _UNSAFE.search(b"".join((target, referer, user_agent))):  # one search for the usual case
+            target, referer, user_agent = escape(target), escape(referer), escape(user_agent)
         return _COMBINED % (
-            down.peer_ip, self._now_b(end), ex.method, escape(ex.target), b"HTTP/1.1" if down.http11 else b"HTTP/1.0",
-            ex.status or 499, ex.bytes_out, escape(referer), escape(user_agent), end - ex.t0,
+            down.peer_ip, self._now_b(end), ex.method, target, b"HTTP/1.1" if down.http11 else b"HTTP/1.0",
+            ex.status or 499, ex.bytes_out, referer, user_agent, end - ex.t0,
             ex.lane.name_b, ex.route.prefix,  # type: ignore[union-attr]
             ex.server.name_b,  # type: ignore[union-attr]
             b"%.3f" % (ex.t_conn - started) if ex.t_conn else b"-",
