@@ -16,6 +16,7 @@ import struct
 import pytest
 
 from tests.conftest import keepalive_handler, make_config, ok_response, open_client, read_response
+from tests.test_audit import slurp
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,24 +47,6 @@ def close_hard(writer: asyncio.StreamWriter) -> None:
 
 async def rr(reader, method: bytes = b"GET"):
     return await asyncio.wait_for(read_response(reader, method), WAIT)
-
-
-async def slurp(reader: asyncio.StreamReader, idle: float = 0.7, total: float = WAIT) -> tuple[bytes, bool]:
-    """Everything received until EOF/reset (closed=True) or `idle` seconds of silence."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + total
-    out = bytearray()
-    while loop.time() < deadline:
-        try:
-            data = await asyncio.wait_for(reader.read(65536), idle)
-        except TimeoutError:
-            return bytes(out), False
-        except ConnectionError:
-            return bytes(out), True
-        if not data:
-            return bytes(out), True
-        out += data
-    return bytes(out), False
 
 
 async def closed_soon(reader: asyncio.StreamReader, timeout: float = WAIT) -> bool:
