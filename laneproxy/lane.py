@@ -175,22 +175,33 @@ class Lane:
         if self.single is not None or server.cfg.max_fails == 0:
             return
         now = self.loop.time()
-        if now - server.fail_window_start > server.cfg.fail_timeout:
+        max_fails, fail_timeout = server.cfg.max_fails, server.cfg.fail_timeout
+        if server.fails < max_fails and now - server.fail_window_start > fail_timeout:
+            server.fails = 0  # the earlier failures are outside the window
+        if server.fails == 0:
             server.fail_window_start = now
-            server.fails = 0
         server.fails += 1
-        if server.fails >= server.cfg.max_fails and server.down_until <= now:
-            server.down_until = now + server.cfg.fail_timeout
-            server.marked_down += 1
-            server.fails = 0
-            log.warning(
-                "upstream %s (lane %s): %d failure(s) within %gs, skipped for %gs",
-                server.name, self.name, server.cfg.max_fails, server.cfg.fail_timeout, server.cfg.fail_timeout,
-            )
+        if server.fails >= max_fails:
+            # Down for fail_timeout; the count stays, so after that one more failure (the first
+            # request it gets) takes it out again at once, as nginx does.
+            if server.down_until <= now:
+                server.marked_down += 1
+                log.warning(
+                    "upstream %s (lane %s): %d failure(s) within %gs, skipped for %gs",
+                    server.name, self.name, max_fails, fail_timeout, fail_timeout,
+                )
+            server.down_until = now + fail_timeout
 
     def record_success(self, server: Server) -> None:
+        """Clears the failures only once they are past: a success between failures inside the
+        window does not (nginx: `accessed < checked`), so a flapping server is still taken out."""
         if server.fails:
-            server.fails = 0
+            now = self.loop.time()
+            if server.fails >= server.cfg.max_fails:
+                if server.down_until <= now:  # it came back after its time out
+                    server.fails = 0
+            elif now - server.fail_window_start > server.cfg.fail_timeout:
+                server.fails = 0
 
     def close(self) -> None:
         if self._expiry is not None:
