@@ -237,11 +237,12 @@ class StaticFiles:
             mtime = int(st.st_mtime)
             etag = make_etag(size, st.st_mtime_ns)
             status, rng = evaluate(method, fields, size, mtime, etag)
+            varies = b"Vary: Accept-Encoding\r\n" if vary else b""  # on every answer (RFC 9110 §12.5.5)
             if status == PRECONDITION_FAILED:
-                out.write(self._small(status, b"precondition failed", date, conn, method))
+                out.write(self._small(status, b"precondition failed", date, conn, method, varies))
                 return status
             if status == UNSATISFIABLE:
-                extra = b"Content-Range: bytes */%d\r\nAccept-Ranges: bytes\r\n" % size
+                extra = b"Content-Range: bytes */%d\r\nAccept-Ranges: bytes\r\n%s" % (size, varies)
                 out.write(self._small(status, b"range not satisfiable", date, conn, method, extra))
                 return status
             head = [STATUS_LINE[status], b"Server: laneproxy\r\nDate: ", date]
