@@ -2,8 +2,9 @@
 
 `_acquire` picks a server (skipping the ones already tried) and takes a pooled connection, or
 starts the one task an exchange may need, `_connect`; `_attach` lends the connection to the
-exchange and writes what is pending (laneproxy's head, then any body already read). A mixin of
-Exchange: it works on the exchange's own fields.
+exchange and writes what is pending (laneproxy's head, then any body already read);
+`_release_upstream` gives it back to the pool (reusable or not), `_drop_upstream` gives up on
+it. A mixin of Exchange: it works on the exchange's own fields.
 """
 
 from __future__ import annotations
@@ -91,3 +92,38 @@ class UpstreamLink:
             self.down.send(CONTINUE_100)
         if self.down.write_paused:
             conn.gate.close(PEER_BUSY)
+
+    # -- giving the connection back ----------------------------------------------------------
+
+    def _release_upstream(self, reusable: bool) -> None:
+        up = self.up
+        if up is None:
+            return
+        if self.server_busy:
+            self.server_busy = False
+            up.server.in_flight -= 1
+        self.up = None
+        up.exchange = None
+        up.read_deadline.when = 0.0  # Deadline.clear(), inlined on the hot path
+        if up.gate.reasons:
+            up.gate.open(PEER_BUSY)  # an idle connection must keep reading to see EOF
+        if self.down.gate.reasons:
+            self.down.gate.open(PEER_BUSY)  # no resume_writing will come from a released upstream
+        server = up.server
+        server.pool.release(up, reusable)
+        up.is_idle = reusable and not up.is_closed
+
+    def _server_done(self) -> None:
+        if self.server_busy:
+            self.server_busy = False
+            self.server.in_flight -= 1  # type: ignore[union-attr]
+
+    def _drop_upstream(self) -> None:
+        up = self.up
+        if up is not None:
+            up.broken = True
+            self._release_upstream(False)
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        self._server_done()

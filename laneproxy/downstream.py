@@ -8,7 +8,6 @@ Pipelined requests are queued and answered in order; reading pauses while one wa
 from __future__ import annotations
 
 import asyncio
-import select
 from collections import deque
 
 import httptools
@@ -22,30 +21,16 @@ from laneproxy.flow import (
     LOW_WATER,
     PEER_BUSY,
     PIPELINE,
-    POLLRDHUP,
     UPGRADE,
     Deadline,
     ReadGate,
     Sender,
 )
 from laneproxy.http1 import ChunkLineGuard, error_response
-from laneproxy.request import RequestHead, build_exchange
+from laneproxy.request import RequestHead, body_ends_within, build_exchange
 from laneproxy.tunnel import Tunnel
 
 LINGER_SECONDS = 5.0  # after an error answer, read and drop for at most this long, then close
-
-
-def _body_ends_within(head: bytes, after: int) -> bool:
-    """A lower-cased request head followed by `after` bytes in the same read: does its body end
-    within them (no Content-Length, or a smaller one)? Unparsable values: True (httptools says)."""
-    i = head.find(b"content-length:")
-    if i == -1:
-        return True
-    j = head.find(b"\r", i)
-    try:
-        return int(head[i + 15 : j if j != -1 else len(head)]) < after
-    except ValueError:
-        return True
 
 
 class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
@@ -182,7 +167,7 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
             end = data.find(b"\r\n\r\n")
             if 0 <= end < len(data) - 4 and (
                 self.in_head or (head := data[:end].lower()).find(b"chunked") != -1
-                or _body_ends_within(head, len(data) - end - 4)
+                or body_ends_within(head, len(data) - end - 4)
             ):
                 self._feed(data[: end + 4])
                 if not self.is_closed:  # the rest takes the usual way (body guard, Upgrade hold, ...)
@@ -285,19 +270,6 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
         for ex in self.queue:
             ex.abort()
         self.queue.clear()
-
-    def peer_hung_up(self) -> bool:
-        """While reading is paused: has the client closed or reset (one poll(2), no read)?"""
-        sock = self.transport.get_extra_info("socket")
-        if sock is None or self.is_closed:
-            return self.is_closed
-        poll = select.poll()
-        poll.register(sock.fileno(), POLLRDHUP)
-        try:
-            events = poll.poll(0)
-        except OSError:
-            return True
-        return bool(events) and bool(events[0][1] & (POLLRDHUP | select.POLLHUP | select.POLLERR))
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from laneproxy.connect import UpstreamLink
 from laneproxy.errors import BodyTooLarge, ConnectFailed, LaneBusy, ProxyError, UpstreamStatus
-from laneproxy.flow import CONNECTING, PEER_BUSY
+from laneproxy.flow import CONNECTING, PEER_BUSY, hung_up
 from laneproxy.http1 import CRLF, REASON, STATUS_LINE, error_response, http_date, status_line
 from laneproxy.queue import FULL, QUEUED
 from laneproxy.tunnel import Tunnel, open_tunnel
@@ -156,13 +156,11 @@ class Exchange(UpstreamLink):
             # Reading was paused while it waited (at most one read of body held), so a FIN or
             # RST may be waiting unseen: a client that left is never sent upstream (abortonclose).
             down = self.down
-            if down.peer_hung_up():
+            if down.is_closed or hung_up(down.transport):
                 lane = self.lane
-                lane.queue.shed["client_gone"] += 1  # type: ignore[union-attr]
+                lane.queue.client_gone()  # type: ignore[union-attr]
                 down.abort()  # connection_lost → abort(): nothing was counted or sent
-                waiter = lane.release_slot()  # type: ignore[union-attr]  # the slot goes on
-                if waiter is not None:
-                    waiter.admitted()  # type: ignore[attr-defined]
+                lane.pass_slot()  # type: ignore[union-attr]
                 return
             down.gate.open(CONNECTING)  # the rest of the body may come now
         self._go()
@@ -439,39 +437,6 @@ class Exchange(UpstreamLink):
             self._finish()
         # else: the body still comes and is dropped; on_request_complete finishes.
 
-    def _release_upstream(self, reusable: bool) -> None:
-        up = self.up
-        if up is None:
-            return
-        if self.server_busy:
-            self.server_busy = False
-            up.server.in_flight -= 1
-        self.up = None
-        up.exchange = None
-        up.read_deadline.when = 0.0  # Deadline.clear(), inlined on the hot path
-        if up.gate.reasons:
-            up.gate.open(PEER_BUSY)  # an idle connection must keep reading to see EOF
-        if self.down.gate.reasons:
-            self.down.gate.open(PEER_BUSY)  # no resume_writing will come from a released upstream
-        server = up.server
-        server.pool.release(up, reusable)
-        up.is_idle = reusable and not up.is_closed
-
-    def _server_done(self) -> None:
-        if self.server_busy:
-            self.server_busy = False
-            self.server.in_flight -= 1  # type: ignore[union-attr]
-
-    def _drop_upstream(self) -> None:
-        up = self.up
-        if up is not None:
-            up.broken = True
-            self._release_upstream(False)
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
-        self._server_done()
-
     def _log(self) -> None:
         access_log = self.down.ctx.access_log
         if access_log is not None and not self.logged:
@@ -502,9 +467,7 @@ class Exchange(UpstreamLink):
         lane.in_flight -= 1  # type: ignore[union-attr]
         lane.upstream_time.observe(self.down.loop.time() - self.started)  # type: ignore[union-attr]
         if lane.limited:  # type: ignore[union-attr]
-            waiter = lane.release_slot()  # type: ignore[union-attr]
-            if waiter is not None:
-                waiter.admitted()  # type: ignore[attr-defined]
+            lane.pass_slot()  # type: ignore[union-attr]
 
     def abort(self) -> None:
         """The client went away: close the upstream at once so it can stop work."""

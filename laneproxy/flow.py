@@ -48,6 +48,20 @@ UPGRADE = 16  # an Upgrade request waits for the upstream's 101 (or its refusal)
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # the peer closed (or half-closed) its side
 
 
+def hung_up(transport: asyncio.BaseTransport) -> bool:
+    """Has the peer closed or reset, though reading is paused? One poll(2), nothing read."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return transport.is_closing()
+    poll = select.poll()
+    poll.register(sock.fileno(), POLLRDHUP)
+    try:
+        events = poll.poll(0)
+    except OSError:
+        return True
+    return bool(events) and bool(events[0][1] & (POLLRDHUP | select.POLLHUP | select.POLLERR))
+
+
 class ReadGate:
     """Idempotent pause/resume of one transport's reading, by reason."""
 

@@ -109,6 +109,13 @@ class Lane:
             self._arm_expiry()
         return waiter
 
+    def pass_slot(self) -> None:
+        """A slot came free (an exchange ended, or a waiter turned out gone): the next waiter
+        takes it now, if any."""
+        waiter = self.release_slot()
+        if waiter is not None:
+            waiter.admitted()  # type: ignore[attr-defined]
+
     def leave_queue(self, waiter: object) -> None:
         self.queue.remove(waiter)
 

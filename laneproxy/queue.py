@@ -214,6 +214,10 @@ class LaneQueue:
         self.wait.observe(now - entry.t)
         return waiter
 
+    def client_gone(self) -> None:
+        """Count a waiter whose client left (also one found gone as it was admitted)."""
+        self.shed["client_gone"] += 1
+
     def remove(self, waiter: object) -> bool:
         """The waiter's client is gone: it leaves the queue at once (False if it was not queued)."""
         entry = self._index.get(waiter)
@@ -223,7 +227,7 @@ class LaneQueue:
         entry.alive = False
         self._dead += 1
         self._leave(entry)
-        self.shed["client_gone"] += 1
+        self.client_gone()
         if self._dead > 64 and self._dead > self._len:  # compact: dead entries stay O(len)
             for q in self._q:
                 alive = [e for e in q if e.alive]

@@ -266,6 +266,20 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
     ex.fields = down.headers
     return ex
 
+def body_ends_within(head: bytes, after: int) -> bool:
+    """A raw request head (lower-cased) followed by `after` bytes in the same read: does its body
+    end within them (no Content-Length, or a smaller one)? Unparsable values: True (httptools
+    will say what is wrong)."""
+    i = head.find(b"content-length:")
+    if i == -1:
+        return True
+    j = head.find(b"\r", i)
+    try:
+        return int(head[i + 15 : j if j != -1 else len(head)]) < after
+    except ValueError:
+        return True
+
+
 def host_fields_for(host: bytes, via: bytes = VIA) -> bytes:
     """X-Forwarded-Host and Via as laneproxy adds them upstream."""
     return b"X-Forwarded-Host: %s\r\nVia: %s\r\n" % (host, via)

@@ -20,10 +20,8 @@ from laneproxy.config import (
     LaneConfig,
     load_config,
     parse_config,
-    parse_duration,
-    parse_hostport,
-    parse_size,
 )
+from laneproxy.config_values import parse_duration, parse_hostport, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_FILE = REPO / "conf" / "laneproxy.yaml"
