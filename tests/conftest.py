@@ -11,6 +11,7 @@ import pytest
 
 from laneproxy.config import parse_config
 from laneproxy.server import Proxy
+from tests.helpers import fix_date
 
 try:
     import uvloop
@@ -258,3 +259,9 @@ async def make_pair():
 @pytest.fixture
 async def pair(make_pair):
     return make_pair()
+
+
+@pytest.fixture
+def fixed_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Date laneproxy adds to a response without one, fixed (helpers.dated builds it)."""
+    fix_date(monkeypatch)

@@ -19,16 +19,13 @@ from tests.helpers import (
     MockTransport,
     ProxyPair,
     dated,
-    fix_date,
     forwarded_head,
     lane_config,
     parse_response_heads,
 )
 
-
-@pytest.fixture(autouse=True)
-def _fixed_date(monkeypatch: pytest.MonkeyPatch) -> None:
-    fix_date(monkeypatch)  # responses without Date get laneproxy's: compare them byte for byte
+# Responses without Date get laneproxy's: with its clock stopped they compare byte for byte.
+pytestmark = pytest.mark.usefixtures("fixed_date")
 
 GET_API = b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n"
 GET_API_Y = b"GET /api/y HTTP/1.1\r\nHost: a\r\n\r\n"
