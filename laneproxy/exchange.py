@@ -256,8 +256,9 @@ class Exchange(UpstreamLink):
             lane = self.lane
             if f"http_{status}" in lane.retry_on:  # type: ignore[union-attr]
                 err = UpstreamStatus(status)
-                if self._may_retry(err, False, False):
+                if self._may_retry(err, False, False) and lane.can_try_another(self.tried):  # type: ignore[union-attr]
                     raise err  # the parser stops; upstream_failed retries on another server
+                # Nowhere else to go: this answer is the last one, relayed (nginx: tries left only)
                 lane.record_failure(self.server)  # type: ignore[union-attr,arg-type]
         self.status = status
         # laneproxy's own status line (I1) with the upstream's reason phrase; precomputed when usual.

@@ -6,6 +6,7 @@ STATUS_LINE habit). No I/O, no state.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from email.utils import formatdate
@@ -40,7 +41,7 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
 # Request fields laneproxy never forwards as received: framing is re-serialised, hop-by-hop
 # fields are removed (RFC 9110 §7.6.1), and the forwarding fields are laneproxy's own.
 # Values: what the downstream parser does with the field (see downstream.on_header).
-H_HOST, H_CL, H_TE, H_CONNECTION, H_EXPECT, H_XFF, H_DROP, H_UPGRADE, H_TE_HOP = range(9)
+H_HOST, H_CL, H_TE, H_CONNECTION, H_EXPECT, H_XFF, H_DROP, H_UPGRADE, H_TE_HOP, H_ONCE = range(10)
 REQUEST_SPECIAL: dict[bytes, int] = {
     b"host": H_HOST,
     b"content-length": H_CL,
@@ -57,6 +58,13 @@ REQUEST_SPECIAL: dict[bytes, int] = {
     b"x-real-ip": H_DROP,
     b"x-forwarded-proto": H_DROP,
     b"x-forwarded-host": H_DROP,
+    # Forwarded, but at most once (not lists, RFC 9110 §5.3): two Authorization lines could
+    # name two users to two readers. nginx answers 400 to these repeated, as to Host.
+    b"authorization": H_ONCE,
+    b"if-modified-since": H_ONCE,
+    b"if-unmodified-since": H_ONCE,
+    b"if-range": H_ONCE,
+    b"content-range": H_ONCE,
 }
 
 # Response fields handled by the upstream side rather than copied.
@@ -103,7 +111,11 @@ def split_tokens(value: bytes) -> list[bytes]:
 
 # RFC 9110 §4.2.1 / RFC 3986 §3.2: a non-empty host (an empty one is invalid), then an optional
 # port of *DIGIT (`example.com:` is valid, as nginx takes it).
-_HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::([0-9]{0,5}))?")
+# RFC 3986 §3.2.2 host (reg-name, an IP literal or IPvFuture in brackets) and an optional port.
+_HOST_RE = re.compile(
+    rb"(?:\[([0-9A-Fa-f:.]+)\]|\[v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)"
+    rb"(?::([0-9]{0,5}))?"
+)
 _PCT_RE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 # Encoded dot, slash and backslash: an upstream that decodes them would route differently.
 # An encoded NUL: nginx refuses it (400) and C-string upstreams cut the path at it.
@@ -111,9 +123,17 @@ _ENCODED_SEP_RE = re.compile(rb"%(?:2[eEfF]|5[cC]|00)")
 
 
 def check_host(value: bytes) -> bytes:
+    """A Host value (or an absolute-form authority), as nginx validates it (RFC 9112 §3.2: 400)."""
     m = _HOST_RE.fullmatch(value)
-    if m is None or (m.group(1) and int(m.group(1)) > 65535):
+    if m is None or (m.group(2) and int(m.group(2)) > 65535):
         raise BadRequest("invalid Host")
+    if value.find(b"..") != -1:  # an empty label: never a host name, and `..` to an app's file mapping
+        raise BadRequest("invalid Host")
+    if m.group(1) is not None:  # an IP literal must be an IPv6 address
+        try:
+            ipaddress.IPv6Address(m.group(1).decode())
+        except ValueError:
+            raise BadRequest("invalid Host") from None
     return value
 
 

@@ -153,6 +153,15 @@ class Lane:
             return candidates[0]
         return self._pick(candidates)
 
+    def can_try_another(self, tried: tuple[Server, ...]) -> bool:
+        """Would `pick(tried)` find a server? (Without moving the balancer's state.)"""
+        if self.single is not None:
+            return not tried
+        now = self.loop.time()
+        return any(s not in tried and s.available(now) for s in self.primary) or any(
+            s not in tried and s.available(now) for s in self.backups
+        )
+
     @staticmethod
     def _round_robin(candidates: list[Server]) -> Server:
         # nginx's smooth weighted round robin: spreads a weight-5 server's turns evenly.

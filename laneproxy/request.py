@@ -23,6 +23,7 @@ from laneproxy.http1 import (
     H_CONNECTION,
     H_EXPECT,
     H_HOST,
+    H_ONCE,
     H_TE,
     H_TE_HOP,
     H_UPGRADE,
@@ -97,6 +98,12 @@ class RequestHead:
                 if self.ctx.underscore_headers == "reject":
                     raise BadRequest("header name with an underscore")
                 return
+            self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
+            return
+        if kind == H_ONCE:
+            prefix = lname + b":"
+            if any(line[: len(prefix)].lower() == prefix for line in self.headers):
+                self.deferred = BadRequest(f"more than one {name.decode('latin-1')} field")
             self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
             return
         value = value.strip(b" \t")
