@@ -101,8 +101,7 @@ class RequestHead:
             self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
             return
         if kind == H_ONCE:
-            prefix = lname + b":"
-            if any(line[: len(prefix)].lower() == prefix for line in self.headers):
+            if has_field(self.headers, lname + b":"):
                 self.deferred = BadRequest(f"more than one {name.decode('latin-1')} field")
             self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
             return
@@ -241,6 +240,9 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
         tokens = split_tokens(down.upgrade)
         offer = frozenset(t.split(b"/")[0] for t in tokens) & lane.upgrade_tokens or None
         if offer is not None:  # forward only the allowed protocols (never h2c)
+            if b"websocket" in offer and not has_field(headers, b"sec-websocket-key:"):
+                # RFC 6455 §4.2.1: a handshake without its key is refused (400, as HAProxy does).
+                raise BadRequest("WebSocket handshake without Sec-WebSocket-Key")
             allowed = b", ".join(t for t in tokens if t.split(b"/")[0] in offer)
             headers = [*headers, b"Connection: upgrade\r\nUpgrade: %s\r\n" % allowed]
     if body_kind == BODY_LENGTH:
@@ -285,6 +287,12 @@ def body_ends_within(head: bytes, after: int) -> bool:
         return int(head[i + 15 : j if j != -1 else len(head)]) < after
     except ValueError:
         return True
+
+
+def has_field(lines: list[bytes], prefix: bytes) -> bool:
+    """Is there a field line whose lower-cased name and colon are `prefix`?"""
+    n = len(prefix)
+    return any(line[:n].lower() == prefix for line in lines)
 
 
 def host_fields_for(host: bytes, via: bytes = VIA) -> bytes:

@@ -349,8 +349,13 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
                 offered = ex.upgrade  # type: ignore[union-attr]
                 if offered is None or self.upgrade is None:
                     raise UpstreamProtocolError("upstream switched protocols unasked")
-                if self.upgrade.split(b"/")[0] not in offered:
+                protocol = self.upgrade.split(b"/")[0]
+                if protocol not in offered:
                     raise UpstreamProtocolError("upstream switched to a protocol that was not asked for")
+                if protocol == b"websocket" and not any(
+                    h[:21].lower() == b"sec-websocket-accept:" for h in self.headers
+                ):  # RFC 6455 §4.1: a failed handshake; never a tunnel (502, as HAProxy does)
+                    raise UpstreamProtocolError("upstream's 101 has no Sec-WebSocket-Accept")
                 self.mode = SWITCHED
                 self.read_deadline.cancel()
                 return

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import keepalive_handler, make_config, ok_response, open_client, read_response
 from tests.test_audit import slurp
+from tests.test_e2e_tunnel import SWITCHED
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -895,7 +896,7 @@ async def test_upgrade_bytes_held_until_101(start_proxy, upstream):
             before_101.extend(await asyncio.wait_for(reader.read(100), 0.3))
         except TimeoutError:
             pass
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        writer.write(SWITCHED)
         await writer.drain()
         data = await asyncio.wait_for(reader.readexactly(len(b"early-bytes")), WAIT)
         writer.write(b"echo:" + data)
@@ -965,7 +966,7 @@ async def test_tunnel_idle_timeout_closes_client(start_proxy, upstream):
     # interface.md tunnel_idle_timeout: an idle tunnel is closed.
     async def ws(reader, writer, up):
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        writer.write(SWITCHED)
         await writer.drain()
         await reader.read()
 

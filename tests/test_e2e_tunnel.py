@@ -67,6 +67,13 @@ async def ws_upstream():
         await runner.cleanup()
 
 
+# A WebSocket server's 101 (RFC 6455 §4.2.2: with the accept field, or it is a failed handshake).
+SWITCHED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
 def ws_handshake(path: bytes = b"/ws", extra: bytes = b"") -> bytes:
     key = base64.b64encode(os.urandom(16))
     return (
@@ -132,7 +139,7 @@ async def test_upstream_frame_sent_with_its_101_is_delivered(start_proxy, upstre
     async def eager(reader, writer, up):
         await reader.read_request()
         writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            SWITCHED
             + b"\x81\x05first"
         )
         await writer.drain()
@@ -182,7 +189,7 @@ async def test_refused_upgrade_keeps_http_and_routes_what_follows(start_proxy, u
 async def test_unrequested_101_is_a_502(start_proxy, upstream):
     async def switcher(reader, writer, up):
         await reader.read_request()
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        writer.write(SWITCHED)
         await writer.drain()
         await reader.read()
 
@@ -234,7 +241,7 @@ async def test_upgrades_the_lane_does_not_tunnel_are_plain_requests(start_proxy,
 async def test_half_close_is_propagated_and_pending_data_delivered(start_proxy, upstream):
     async def half(reader, writer, up):
         await reader.read_request()
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        writer.write(SWITCHED)
         await writer.drain()
         got = await reader.read()  # until the client's FIN arrives through the proxy
         writer.write(b"got:" + got)
@@ -306,7 +313,7 @@ async def test_tunnel_flood_to_non_reading_client_bounds_memory(tmp_path, upstre
 
     async def flood(reader, writer, up):
         await reader.read_request()
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        writer.write(SWITCHED)
         for _ in range(100):
             writer.write(chunk)
             await writer.drain()  # blocks while laneproxy stops reading from us
@@ -341,7 +348,7 @@ async def test_bytes_after_an_upgrade_head_naming_chunked_are_still_held(start_p
 
     async def switch(reader, writer, up):
         await reader.read_request()
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        writer.write(SWITCHED)
         await writer.drain()
         data = await reader.read(100)
         writer.write(b"tunnel got " + data)
