@@ -26,8 +26,8 @@ from laneproxy.flow import (
     ReadGate,
     Sender,
 )
-from laneproxy.http1 import ChunkLineGuard, error_response
-from laneproxy.request import RequestHead, body_ends_within, build_exchange
+from laneproxy.http1 import ChunkLineGuard, error_response, strip_te_ows
+from laneproxy.request import RequestHead, TransferEncodingOWS, body_ends_within, build_exchange
 from laneproxy.tunnel import Tunnel
 
 LINGER_SECONDS = 5.0  # after an error answer, read and drop for at most this long, then close
@@ -191,6 +191,14 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
             err = exc.__context__
             if not isinstance(err, ProxyError):
                 raise
+            if isinstance(err, TransferEncodingOWS) and self.head_bytes == 0:
+                clean = strip_te_ows(data)  # the head began in this read: parse it again without the OWS
+                if clean != data:
+                    self.parser = httptools.HttpRequestParser(self)
+                    self.requests -= 1  # (on_message_begin counts it again)
+                    self.ctx.requests -= 1
+                    self._feed(clean)
+                    return
             self._request_error(err)
             return
         except httptools.HttpParserUpgrade as exc:

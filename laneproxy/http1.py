@@ -122,6 +122,19 @@ _PCT_RE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _ENCODED_SEP_RE = re.compile(rb"%(?:2[eEfF]|5[cC]|00)")
 
 
+# A Transfer-Encoding line's trailing whitespace with an HTAB in it: llhttp reads `chunked\t` as an
+# unknown coding, though OWS is no part of a field value (RFC 9110 §5.5).
+_TE_TRAILING_OWS = re.compile(rb"(?im)^(transfer-encoding:[^\r\n]*?)[ \t]*\t[ \t]*(?=\r\n)")
+
+
+def strip_te_ows(data: bytes) -> bytes:
+    """`data` (the start of a request head, maybe more) with the trailing OWS of its
+    Transfer-Encoding lines removed; the bytes after the head are left as they are."""
+    end = data.find(b"\r\n\r\n")
+    head, rest = (data, b"") if end == -1 else (data[: end + 2], data[end + 2 :])
+    return _TE_TRAILING_OWS.sub(rb"\1", head) + rest
+
+
 def check_host(value: bytes) -> bytes:
     """A Host value (or an absolute-form authority), as nginx validates it (RFC 9112 §3.2: 400)."""
     m = _HOST_RE.fullmatch(value)

@@ -105,6 +105,10 @@ class RequestHead:
                 self.deferred = BadRequest(f"more than one {name.decode('latin-1')} field")
             self.headers.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
             return
+        if kind == H_TE and value.rstrip(b" ").endswith(b"\t"):
+            # llhttp reads `chunked\t` as an unknown coding, though OWS is no part of a value
+            # (RFC 9110 §5.5): the downstream parses this head again without it.
+            raise TransferEncodingOWS("HTAB after the Transfer-Encoding value")
         value = value.strip(b" \t")
         if not value.isascii():  # obs-text is opaque data, never part of framing or routing
             raise BadRequest(f"non-ASCII bytes in {name.decode('latin-1')}")
@@ -310,6 +314,10 @@ def request_fields(down: DownstreamProtocol) -> dict[bytes, bytes]:
     if down.host is not None:
         fields[b"host"] = down.host
     return fields
+
+
+class TransferEncodingOWS(BadRequest):
+    """A Transfer-Encoding value followed by OWS with an HTAB (400 when the head cannot be parsed again)."""
 
 
 class OptionsAnswer(ProxyError):

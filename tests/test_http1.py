@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from laneproxy.errors import BadRequest, BodyTooLarge
-from laneproxy.http1 import ChunkLineGuard, _split_target_checked, split_target
+from laneproxy.http1 import ChunkLineGuard, _split_target_checked, split_target, strip_te_ows
 
 # Plain characters, plus the ones that must leave the fast path (%, #, \, dots next to slashes).
 TARGET_CHARS = "ab/?.%#\\-_~!$&'()*+,;=:@Z09"
@@ -79,3 +79,22 @@ def test_chunk_guard_stops_a_declared_size_over_max_body_at_once() -> None:
         guard.feed(b"1\r\n")
     with pytest.raises(BodyTooLarge):
         ChunkLineGuard(limit=1 << 20).feed(b"ffffffffffffff\r\nhello")
+
+
+@pytest.mark.parametrize("raw, want", [
+    # OWS with an HTAB after the coding goes (RFC 9110 §5.5); a leading HTAB llhttp takes as it is
+    (b"Transfer-Encoding:\tchunked\t\r\n", b"Transfer-Encoding:\tchunked\r\n"),
+    (b"transfer-encoding: gzip, chunked \t \r\n", b"transfer-encoding: gzip, chunked\r\n"),
+    (b"Transfer-Encoding: chunked \r\n", b"Transfer-Encoding: chunked \r\n"),  # no HTAB: unchanged
+    (b"X-Transfer-Encoding: chunked\t\r\n", b"X-Transfer-Encoding: chunked\t\r\n"),  # another field
+    (b"X-A: b\t\r\n", b"X-A: b\t\r\n"),
+])
+def test_strip_te_ows_touches_only_transfer_encoding_lines(raw: bytes, want: bytes) -> None:
+    start = b"POST / HTTP/1.1\r\nHost: a\r\n"
+    assert strip_te_ows(start + raw + b"\r\n") == start + want + b"\r\n"
+
+
+def test_strip_te_ows_leaves_the_body_after_the_head() -> None:
+    body = b"1f\r\nTransfer-Encoding: chunked\t\r\n\r\n0\r\n\r\n"
+    out = strip_te_ows(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\t\r\n\r\n" + body)
+    assert out == b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + body
