@@ -217,6 +217,33 @@ async def open_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWr
     return await asyncio.open_connection("127.0.0.1", port)
 
 
+_TRACKED: list[asyncio.StreamWriter] = []
+
+
+def track_writer(writer: asyncio.StreamWriter) -> None:
+    """Close `writer` when the test ends (fixture `close_tracked_clients`), pass or fail."""
+    _TRACKED.append(writer)
+
+
+async def open_tracked_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await open_client(port)
+    track_writer(writer)
+    return reader, writer
+
+
+@pytest.fixture
+async def close_tracked_clients() -> AsyncIterator[None]:
+    """Close every client connection a test opened, also when an assertion stopped it early."""
+    yield
+    while _TRACKED:
+        w = _TRACKED.pop()
+        w.close()
+        try:
+            await asyncio.wait_for(w.wait_closed(), 1)
+        except Exception:
+            pass
+
+
 async def exchange(port: int, request: bytes, method: bytes = b"GET") -> tuple[int, dict, bytes]:
     """Send one raw request on a fresh connection and read one response."""
     reader, writer = await open_client(port)

@@ -23,38 +23,17 @@ from tests.conftest import (
     make_config,
     ok_response,
     read_response,
+    track_writer,
 )
-from tests.conftest import open_client as _open_client
+from tests.conftest import open_tracked_client as open_client
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("close_tracked_clients")]
 
 WAIT = 3.0
 GET = b"GET %s HTTP/1.1\r\nHost: t.example\r\n\r\n"
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-_WRITERS: list[asyncio.StreamWriter] = []
-
-
-async def open_client(port: int):
-    reader, writer = await _open_client(port)
-    _WRITERS.append(writer)
-    return reader, writer
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients():
-    """Close every client connection a test opened, also when an assertion stopped it early."""
-    yield
-    while _WRITERS:
-        w = _WRITERS.pop()
-        w.close()
-        try:
-            await asyncio.wait_for(w.wait_closed(), 1)
-        except Exception:
-            pass
-
 
 
 async def recv(reader: asyncio.StreamReader, method: bytes = b"GET", timeout: float = WAIT):
@@ -400,7 +379,7 @@ async def test_send_timeout_closes_a_client_that_stops_reading(start_proxy, upst
     sock.connect(("127.0.0.1", proxy.port))
     sock.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=sock)
-    _WRITERS.append(writer)
+    track_writer(writer)
     writer.write(GET % b"/big")
     await asyncio.sleep(0.2)
     # never read: the proxy must give up after send_timeout and drop the upstream too

@@ -23,35 +23,14 @@ import pytest
 
 from tests.conftest import make_config, read_response
 from tests.conftest import open_client as _open_client
+from tests.conftest import open_tracked_client as open_client
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("close_tracked_clients")]
 
 WAIT = 3.0
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-_WRITERS: list[asyncio.StreamWriter] = []
-
-
-async def open_client(port: int):
-    reader, writer = await _open_client(port)
-    _WRITERS.append(writer)
-    return reader, writer
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients():
-    """Close every client connection a test opened, also when an assertion stopped it early."""
-    yield
-    while _WRITERS:
-        w = _WRITERS.pop()
-        w.close()
-        try:
-            await asyncio.wait_for(w.wait_closed(), 1)
-        except Exception:
-            pass
-
 
 async def recv(reader: asyncio.StreamReader, method: bytes = b"GET", timeout: float = WAIT):
     return await asyncio.wait_for(read_response(reader, method), timeout)
