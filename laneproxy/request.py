@@ -195,9 +195,12 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
         body_kind = BODY_NONE
     expect_continue = False
     if down.expect is not None:
-        if down.expect != b"100-continue":
+        # A list (RFC 9110 §10.1.1) whose empty elements do not count (§5.6.1.2): `Expect:` and
+        # `Expect: ,` expect nothing; any member other than 100-continue is refused.
+        tokens = [b"100-continue"] if down.expect == b"100-continue" else split_tokens(down.expect)
+        if any(t != b"100-continue" for t in tokens):
             raise ProxyError("unsupported expectation", 417)
-        expect_continue = http11 and body_kind != BODY_NONE
+        expect_continue = http11 and body_kind != BODY_NONE and bool(tokens)
     if down.upgrade is not None and p.should_upgrade() and body_kind != BODY_NONE:
         raise BadRequest("Upgrade request with a body")
     if method == b"OPTIONS" and max_forwards(down) == 0:
