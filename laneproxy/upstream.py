@@ -323,7 +323,10 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         elif kind == R_CL:
             self.content_length = int(value)  # httptools has checked 1*DIGIT and duplicates
         elif kind == R_TE:
-            self.te = (self.te or []) + split_tokens(value)
+            # Chunked only where llhttp reads it so (leading OWS, trailing SP): `chunked\t` or
+            # `chunked,` would make it read until close while we re-chunk raw framing (a2).
+            coding = value.lstrip(b" \t").rstrip(b" ").lower()
+            self.te = (self.te or []) + [coding if coding == b"chunked" else value or b"-"]
         elif kind == R_CONNECTION:
             self.conn_tokens = (self.conn_tokens or []) + split_tokens(value)
         elif kind == R_KEEPALIVE:
