@@ -26,7 +26,7 @@ from laneproxy.flow import (
     ReadGate,
     Sender,
 )
-from laneproxy.http1 import ChunkLineGuard, error_response, strip_te_ows
+from laneproxy.http1 import HTTP_REQUEST_LINE, ChunkLineGuard, error_response, strip_te_ows
 from laneproxy.request import RequestHead, TransferEncodingOWS, body_ends_within, build_exchange
 from laneproxy.tunnel import Tunnel
 
@@ -40,7 +40,7 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
         "_drain_waiter", "_starting", "active", "chunk_guard", "closing", "conn_tokens", "cr_pending", "te_trailers_at",
         "content_length", "ctx", "current", "deferred", "expect", "fwd_fixed", "fwd_own", "gate",
         "head_bytes", "header_bytes", "header_count", "headers", "host", "host_fields", "host_ok",
-        "http11", "idle_deadline", "in_head", "is_closed", "last_offer", "lingering", "loop",
+        "http11", "idle_deadline", "in_head", "is_closed", "last_offer", "line_part", "lingering", "loop",
         "outbox", "parse_dead", "parser", "peer_eof", "peer_ip", "queue", "read_deadline",
         "requests", "send_deadline", "sendq", "sendq_bytes", "te", "transport", "trusted", "tunnel",
         "unread", "upgrade", "upgrade_wait", "url", "write_paused", "xff",
@@ -80,6 +80,7 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
         self._starting = False
         self.in_head = False
         self.head_bytes = 0
+        self.line_part: bytes | None = None  # the start of a request line that spans reads
         self.chunk_guard: ChunkLineGuard | None = None  # bounds chunk extensions of the current body
         self._drain_waiter: asyncio.Future[None] | None = None
         self.idle_deadline = Deadline(self.loop, self._on_idle_timeout)
@@ -158,7 +159,24 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
             if not fits:
                 self._request_error(BadRequest("chunk extensions too long"))
                 return
+            cut = guard.tail
+            if 0 < cut < len(data):
+                # The chunked message ends inside this read: the next request starts at `cut` and
+                # gets the checks of a request that starts a read (its request line, its guard).
+                self._feed(data[:cut])
+                if not self.is_closed:
+                    self.data_received(data[cut:])
+                return
         elif self.current is None:
+            if self.line_part is not None:  # a request line that spans reads goes on here
+                if not self._http_request_line(data):
+                    return
+            elif not self.in_head:
+                # A request line starts here: "HTTP/x.y" before its CR, where llhttp also takes
+                # "RTSP/x.y" and " ICE/x.y" (the first letter tells them apart; llhttp checks the rest).
+                cr = data.find(b"\r")
+                if (cr < 8 or data[cr - 8] != 72) and not self._http_request_line(data):
+                    return
             # A chunked request may start its body in this read: parse the head first, so the
             # guard sees the body from its first byte. Only the head is searched, never a body
             # (scanning 16 KiB uploads for "chunked" cost 14 % of the upload benchmark's CPU).
@@ -183,6 +201,21 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
                     self.data_received(data[left:])
                 return
         self._feed(data)
+
+    def _http_request_line(self, data: bytes) -> bool:
+        """A request head starts (or its first line goes on) in `data`: is it an HTTP request
+        line? llhttp takes RTSP and ICE ones too. Answers 400 and returns False when not."""
+        part = self.line_part
+        line = data if part is None else part + data
+        if HTTP_REQUEST_LINE.match(line) is not None:
+            self.line_part = None
+            return True
+        if line.find(b"\n") == -1 and line.find(b"\r") == -1:
+            self.line_part = line  # the line is not all here: decided when its end comes
+            return True
+        self.line_part = None
+        self._request_error(BadRequest("not an HTTP/1.x request line"))
+        return False
 
     def _feed(self, data: bytes) -> None:
         try:

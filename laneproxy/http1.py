@@ -135,6 +135,11 @@ def strip_te_ows(data: bytes) -> bytes:
     return _TE_TRAILING_OWS.sub(rb"\1", head) + rest
 
 
+# The end of a request line: llhttp also takes RTSP/x.y and ICE/x.y there (and reports only the
+# numbers), which must not pass as HTTP (RFC 9112 §2.3: HTTP-name is "HTTP", case-sensitive).
+HTTP_REQUEST_LINE = re.compile(rb"[^\r\n]*HTTP/[0-9]\.[0-9]\r")
+
+
 def check_host(value: bytes) -> bytes:
     """A Host value (or an absolute-form authority), as nginx validates it (RFC 9112 §3.2: 400)."""
     m = _HOST_RE.fullmatch(value)
@@ -279,7 +284,7 @@ class ChunkLineGuard:
     framing from the raw bytes (already validated by llhttp, so it only needs the sizes).
     """
 
-    __slots__ = ("skip", "line", "head", "done", "limit", "declared")
+    __slots__ = ("skip", "line", "head", "done", "ended", "tail", "limit", "declared")
     MAX_LINE = 1024 + 32  # 1 KiB of extensions plus the hex size and CRLF
 
     def __init__(self, limit: int = 0) -> None:
@@ -287,6 +292,8 @@ class ChunkLineGuard:
         self.line = 0  # bytes of the current size line so far
         self.head = b""  # the line up to its first ';' (the size, leading zeros and all)
         self.done = False  # the last chunk was seen: trailers follow (bounded as header fields)
+        self.ended = False  # the empty line after the trailers was seen: the message is over
+        self.tail = -1  # where in the last `feed`'s data the message ended (-1: not there)
         self.limit = limit  # the lane's max_body (0: none)
         self.declared = 0  # the sum of the chunk sizes so far
 
@@ -294,7 +301,8 @@ class ChunkLineGuard:
         """False when a chunk-size line is over the limit; BodyTooLarge as soon as the declared
         chunk sizes pass `limit` (nginx: "client intended to send too large chunked body")."""
         i, n = 0, len(data)
-        while i < n and not self.done:
+        self.tail = -1
+        while i < n and not self.ended:
             if self.skip:
                 step = min(self.skip, n - i)
                 self.skip -= step
@@ -302,6 +310,17 @@ class ChunkLineGuard:
                 continue
             j = data.find(b"\n", i)
             end = n if j == -1 else j + 1
+            if self.done:  # trailer lines, up to the empty one that ends the message
+                self.line += end - i
+                if j == -1:
+                    return True
+                if self.line == 2:  # CRLF (a bare LF here is llhttp's error)
+                    self.ended = True
+                    self.tail = end
+                    return True
+                self.line = 0
+                i = end
+                continue
             if self.head.find(b";") == -1:  # (bounded: the line is at most MAX_LINE)
                 self.head += data[i:end]
             self.line += end - i
@@ -315,7 +334,7 @@ class ChunkLineGuard:
                 return True  # llhttp rejects it with its own error
             self.line, self.head = 0, b""
             if size == 0:
-                self.done = True
+                self.done = True  # (the trailer section follows, maybe empty)
             elif size >> 64:
                 return True  # llhttp refuses the overflow with its own 400
             else:

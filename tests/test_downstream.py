@@ -130,6 +130,10 @@ BAD_REQUESTS = {
     "space before colon": (b"GET /api/x HTTP/1.1\r\nHost : a\r\n\r\n", 400),
     "HTTP/0.9": (b"GET /api/x\r\n\r\n", 400),
     "HTTP/2.0": (b"GET /api/x HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    "RTSP/1.0": (b"GET /api/x RTSP/1.0\r\nHost: a\r\n\r\n", 400),  # llhttp takes it, reports "1.0"
+    "RTSP method": (b"DESCRIBE /api/x RTSP/1.0\r\nHost: a\r\n\r\n", 400),
+    "ICE/1.0": (b"SOURCE /api/x ICE/1.0\r\nHost: a\r\n\r\n", 400),
+    "HTTP/1.1 in the target": (b"GET /api/HTTP/1.1 RTSP/1.1\r\nHost: a\r\n\r\n", 400),
     "unknown method": (b"FOO /api/x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     "CONNECT": (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405),
     "TRACE": (b"TRACE /api/x HTTP/1.1\r\nHost: a\r\n\r\n", 405),
@@ -164,6 +168,55 @@ async def test_bad_request_is_answered_then_closed(
     pair.send(GET_API_1)
     assert pair.down_t.buffer == b""
     assert up_t.buffer == b""
+
+
+@pytest.mark.parametrize("cut", [3, 12, 16, 19])  # in the method, the target, "RTSP", before the CR
+async def test_rtsp_request_line_split_across_reads_is_400(pair: ProxyPair, cut: int) -> None:
+    _, up_t = pair.pooled_upstream()
+    request = b"GET /api/x RTSP/1.1\r\nHost: a\r\n\r\n"
+    pair.send(request[:cut])
+    pair.send(request[cut:])
+    assert pair.down_t.take().startswith(b"HTTP/1.1 400 ")
+    assert up_t.buffer == b""
+
+
+@pytest.mark.parametrize("cut", [1, 12, 15, 19, 20])
+async def test_http_request_line_split_across_reads_is_forwarded(pair: ProxyPair, cut: int) -> None:
+    _, up_t = pair.pooled_upstream()
+    request = b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n"
+    for i in range(0, len(request), cut):
+        pair.send(request[i : i + cut])
+    assert up_t.take().startswith(b"GET /x HTTP/1.1\r\n")
+    assert pair.down_t.buffer == b""
+
+
+async def test_request_after_a_chunked_body_in_the_same_read_is_checked_on_its_own(pair: ProxyPair) -> None:
+    # The chunked message ends inside the read (after its trailers): the next request line is
+    # checked as one that starts a read would be, and so is its own chunked body (guard).
+    up, up_t = pair.pooled_upstream()
+    pair.send(
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
+        b"DESCRIBE /api/y RTSP/1.0\r\nHost: a\r\n\r\n"
+    )
+    assert up_t.take().endswith(b"5\r\nhello\r\n0\r\n\r\n")
+    up.data_received(OK_HELLO)
+    out = pair.down_t.take()
+    assert parse_response_heads(out) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"], out
+    assert up_t.buffer == b""
+
+
+async def test_chunk_guard_of_a_pipelined_chunked_request_sees_its_whole_body(pair: ProxyPair) -> None:
+    up, up_t = pair.pooled_upstream()
+    long_ext = b";x=" + b"a" * 2000
+    pair.send(
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"POST /api/y HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5" + long_ext + b"\r\nhello\r\n0\r\n\r\n"
+    )
+    up.data_received(OK_HELLO)
+    out = pair.down_t.take()
+    assert parse_response_heads(out) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"], out
+    assert b"chunk extensions too long" in out, out
+    assert b"/y" not in up_t.take()
 
 
 async def test_pipelined_requests_without_route_get_two_404s_in_order(pair: ProxyPair) -> None:

@@ -98,3 +98,22 @@ def test_strip_te_ows_leaves_the_body_after_the_head() -> None:
     body = b"1f\r\nTransfer-Encoding: chunked\t\r\n\r\n0\r\n\r\n"
     out = strip_te_ows(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\t\r\n\r\n" + body)
     assert out == b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+
+
+def test_chunk_guard_finds_the_end_of_the_message_after_its_trailers() -> None:
+    guard = ChunkLineGuard()
+    body = b"5;e=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
+    assert guard.feed(body + b"GET / HTTP/1.1\r\n") and guard.tail == len(body)
+    assert guard.feed(b"more") and guard.tail == -1  # once ended, nothing more is its business
+
+
+@pytest.mark.parametrize("cut", range(1, 29))
+def test_chunk_guard_finds_the_end_across_reads(cut: int) -> None:
+    guard = ChunkLineGuard()
+    body = b"5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
+    data = body + b"NEXT"
+    guard.feed(data[:cut])
+    if cut >= len(body):
+        assert guard.tail == len(body)
+    else:
+        assert guard.tail == -1 and guard.feed(data[cut:]) and guard.tail == len(body) - cut

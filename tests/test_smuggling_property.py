@@ -127,6 +127,23 @@ def _te_without_empty_elements(m: re.Match[bytes]) -> bytes:
     return m[1] + b" " + b", ".join(e for e in elements if e)
 
 
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _unreserved(m: re.Match[bytes]) -> bytes:
+    byte = int(m.group(1), 16)
+    return bytes([byte]) if byte in _UNRESERVED else m.group(0)
+
+
+def routed_target(target: bytes) -> bytes:
+    """An origin-form target as laneproxy routes and forwards it (README "Security"): repeated
+    slashes merged and escapes of unreserved characters decoded, in the path only."""
+    if not target.startswith(b"/"):
+        return target
+    path, sep, query = target.partition(b"?")
+    return re.sub(rb"%([0-9A-Fa-f]{2})", _unreserved, re.sub(rb"//+", b"/", path)) + sep + query
+
+
 def h11_view(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
     """The requests h11 (a strict parser) takes from `data` followed by EOF: (method, target, body)."""
     data = _TE_LIST.sub(_te_without_empty_elements, _REQUEST_LINE_SP.sub(rb"\1\2 \3 \4", data))
@@ -147,7 +164,7 @@ def h11_view(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
         elif isinstance(event, h11.Data):
             body += event.data
         elif isinstance(event, h11.EndOfMessage):
-            out.append((req.method, req.target, body))  # type: ignore[union-attr]
+            out.append((req.method, routed_target(req.target), body))  # type: ignore[union-attr]
             try:
                 conn.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
                 conn.send(h11.EndOfMessage())
