@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import calendar
 import mimetypes
+import re
 import time
 from collections.abc import Mapping
-from email.utils import formatdate, parsedate_tz
+from email.utils import formatdate
 from functools import lru_cache
 
 # Common web types, independent of the host's /etc/mime.types; mimetypes fills in the rest.
@@ -62,20 +63,43 @@ def http_date(ts: int) -> bytes:
     return formatdate(ts, usegmt=True).encode()
 
 
+_MONTHS = {m.encode(): i for i, m in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+_MONTH = rb"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = rb"([0-9]{2}):([0-9]{2}):([0-9]{2})"
+# RFC 9110 §5.6.7, case-sensitive and GMT only: IMF-fixdate, then the obsolete RFC 850 and asctime.
+_DAY = rb"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_IMF_FIXDATE = re.compile(_DAY + rb", ([0-9]{2}) " + _MONTH + rb" ([0-9]{4}) " + _TIME + rb" GMT")
+_RFC850 = re.compile(
+    rb"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), ([0-9]{2})-" + _MONTH + rb"-([0-9]{2}) "
+    + _TIME + rb" GMT"
+)
+_ASCTIME = re.compile(_DAY + rb" " + _MONTH + rb" ([0-9 ][0-9]) " + _TIME + rb" ([0-9]{4})")
+
+
 def parse_http_date(value: bytes | None) -> int | None:
-    """IMF-fixdate, RFC 850 and asctime dates → Unix seconds; None when unparseable."""
+    """An HTTP-date (IMF-fixdate, RFC 850 or asctime) → Unix seconds; None for anything else,
+    which a precondition then ignores (RFC 9110 §13.1.3: other zones, lists, trailing text)."""
     if not value:
         return None
-    try:
-        parts = parsedate_tz(value.decode("latin-1"))
-    except (TypeError, ValueError, IndexError):
+    value = value.strip(b" \t")
+    if m := _IMF_FIXDATE.fullmatch(value):
+        day, month, year, hh, mm, ss = int(m[1]), _MONTHS[m[2]], int(m[3]), m[4], m[5], m[6]
+    elif m := _RFC850.fullmatch(value):
+        day, month, year, hh, mm, ss = int(m[1]), _MONTHS[m[2]], int(m[3]), m[4], m[5], m[6]
+        # A two-digit year more than 50 years ahead is the latest past year with those digits.
+        this_year = time.gmtime().tm_year
+        year += this_year - this_year % 100
+        if year > this_year + 50:
+            year -= 100
+    elif m := _ASCTIME.fullmatch(value):
+        month, day, hh, mm, ss, year = _MONTHS[m[1]], int(m[2].strip() or b"0"), m[3], m[4], m[5], int(m[6])
+    else:
         return None
-    if parts is None:
+    hour, minute, second = int(hh), int(mm), int(ss)
+    if not (year and 1 <= day <= calendar.monthrange(year, month)[1] and hour < 24 and minute < 60 and second <= 60):
         return None
-    try:
-        return calendar.timegm(parts[:6] + (0, 1, 0)) - (parts[9] or 0)
-    except (OverflowError, ValueError):
-        return None
+    return calendar.timegm((year, month, day, hour, minute, second, 0, 1, 0))
 
 
 class DateCache:
@@ -147,8 +171,10 @@ def parse_range(value: bytes, size: int) -> tuple[int, int] | int | None:
         n = _num(last)
         if n is None:
             return None
-        if n == 0 or size == 0:
+        if n == 0:
             return UNSATISFIABLE
+        if size == 0:  # a suffix of an empty file is satisfiable, by the whole of it (RFC 9110 §14.1.1)
+            return None
         return (max(0, size - n), size - 1)
     start = _num(first)
     if start is None:

@@ -325,6 +325,11 @@ def test_http_dates() -> None:
         assert parse_http_date(value) == 784111777
     for bad in (b"", b"yesterday", b"Sun, 99 Foo 1994", None):
         assert parse_http_date(bad) is None
+    # RFC 9110 §5.6.7 / §13.1.3: only GMT HTTP-dates count; anything else is ignored.
+    for bad in (b"Sun, 06 Nov 1994 08:49:37 +0100", b"Sun, 06 Nov 94 08:49:37 GMT", b"sun, 06 Nov 1994 08:49:37 GMT",
+                b"Sun, 06 Nov 1994 08:49:37 GMT, Mon, 07 Nov 1994 08:49:37 GMT", b"Sun, 31 Nov 1994 08:49:37 GMT",
+                b"Sun, 06 Nov 1994 24:00:00 GMT", b"Sun, 06 Nov 0000 08:49:37 GMT", b"Sun Nov 6 08:49:37 1994"):
+        assert parse_http_date(bad) is None, bad
 
 
 @pytest.mark.parametrize("name, ctype", [
@@ -412,7 +417,8 @@ def test_range_ignored_for_head() -> None:
 def test_parse_range_edges() -> None:
     assert parse_range(b"bytes=0-0", 1) == (0, 0)
     assert parse_range(b"bytes=0-", 0) == UNSATISFIABLE
-    assert parse_range(b"bytes=-1", 0) == UNSATISFIABLE
+    assert parse_range(b"bytes=-1", 0) is None  # a suffix of an empty file: all of it, 200 (RFC 9110 §14.1.1)
+    assert parse_range(b"bytes=-0", 10) == UNSATISFIABLE
     assert parse_range(b"bytes=" + b"9" * 5000 + b"-", 10) == UNSATISFIABLE  # no int() blow-up
     assert parse_range(b"bytes=0-" + b"9" * 5000, 10) == (0, 9)
     assert parse_range(b"bytes=0-1,", 10) == (0, 1)  # empty list elements do not count
