@@ -158,7 +158,7 @@ class AccessLog:
             "client": ex.down.peer_ip.decode(),
             "method": ex.method.decode("latin-1"),
             "target": text(ex.target) if ex.target else "-",
-            "protocol": "HTTP/1.1" if ex.down.http11 else "HTTP/1.0",
+            "protocol": "HTTP/1.1" if ex.http11 else "HTTP/1.0",
             "status": ex.status or 499,
             "bytes": ex.bytes_out,
             "time": round(end - ex.t0, 6),
@@ -214,7 +214,7 @@ class AccessLog:
         if _UNSAFE.search(b"".join((target, referer, user_agent))):  # one search for the usual case
             target, referer, user_agent = escape(target), escape(referer), escape(user_agent)
         return _COMBINED % (
-            down.peer_ip, self._now_b(end), ex.method, target, b"HTTP/1.1" if down.http11 else b"HTTP/1.0",
+            down.peer_ip, self._now_b(end), ex.method, target, b"HTTP/1.1" if ex.http11 else b"HTTP/1.0",
             ex.status or 499, ex.bytes_out, referer, user_agent, end - ex.t0,
             ex.lane.name_b, ex.route.prefix,  # type: ignore[union-attr]
             ex.server.name_b,  # type: ignore[union-attr]

@@ -25,6 +25,7 @@ from laneproxy.flow import (
     Deadline,
     ReadGate,
     Sender,
+    hung_up,
 )
 from laneproxy.http1 import HTTP_REQUEST_LINE, ChunkLineGuard, error_response, strip_te_ows
 from laneproxy.request import RequestHead, TransferEncodingOWS, body_ends_within, build_exchange
@@ -381,6 +382,11 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
         self._starting = True
         try:
             while self.active is None and self.queue and not self.is_closed:
+                if hung_up(self.transport, half_close=False):
+                    # A reset while reading was paused: whoever sent these pipelined requests
+                    # cannot get their answers, so none is sent upstream (a POST would run unseen).
+                    self.abort()
+                    return
                 ex = self.queue.popleft()
                 self.active = ex
                 ex.start()
@@ -506,6 +512,11 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
             self.close()
 
     def _on_read_timeout(self) -> None:
+        if self.current is not None and self.gate.is_paused:
+            # We stopped reading the body ourselves (the upstream takes no more, or the request
+            # waits for a connection): not the client's delay. The lane's timeouts bound that.
+            self.read_deadline.set(self.loop.time() + self.ctx.body_timeout)
+            return
         if self.in_head or self.current is not None:
             what = "request head" if self.in_head else "request body"
             self._request_error(ProxyError(f"timed out waiting for the {what}", 408))

@@ -59,7 +59,7 @@ class Exchange(UpstreamLink):
     """One request and its response; see the module docstring for the rules."""
 
     __slots__ = (
-        "down", "route", "lane", "method", "head", "is_head", "idempotent", "body_kind",
+        "down", "http11", "route", "lane", "method", "head", "is_head", "idempotent", "body_kind",
         "body_seen", "expect_continue", "keep_alive", "local", "pending", "up", "server",
         "reused", "req_done", "req_sent", "resp", "rechunk", "tries", "connect_task", "aborted",
         "counted", "status", "out", "head_written", "static", "tried", "started",
@@ -83,6 +83,7 @@ class Exchange(UpstreamLink):
         upgrade: frozenset[bytes] | None = None,
     ) -> None:
         self.down = down
+        self.http11 = down.http11  # this request's version (a pipelined one behind may differ)
         self.route = route
         self.lane: Lane | None = route.lane if route is not None else None
         self.method = method
@@ -246,7 +247,7 @@ class Exchange(UpstreamLink):
 
     def on_informational(self, status: int, reason: bytes, headers: list[bytes]) -> None:
         # 100 Continue was laneproxy's own business with the client; other 1xx (103) pass to 1.1.
-        if status != 100 and self.down.http11 and self.resp == RESP_NONE:
+        if status != 100 and self.http11 and self.resp == RESP_NONE:
             self.down.send(b"".join([status_line(status, reason), *headers, CRLF]))
 
     def on_response_head(self, up: UpstreamProtocol) -> None:
@@ -275,7 +276,7 @@ class Exchange(UpstreamLink):
         elif mode == NO_BODY:
             if up.content_length is not None and status != 204:
                 parts.append(b"Content-Length: %d\r\n" % up.content_length)
-        elif down.http11:
+        elif self.http11:
             parts.append(b"Transfer-Encoding: chunked\r\n")
             self.rechunk = True
         else:

@@ -48,18 +48,19 @@ UPGRADE = 16  # an Upgrade request waits for the upstream's 101 (or its refusal)
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # the peer closed (or half-closed) its side
 
 
-def hung_up(transport: asyncio.BaseTransport) -> bool:
-    """Has the peer closed or reset, though reading is paused? One poll(2), nothing read."""
+def hung_up(transport: asyncio.BaseTransport, half_close: bool = True) -> bool:
+    """Has the peer closed or reset (`half_close=False`: reset, or closed both ways), though
+    reading is paused? One poll(2), nothing read."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return transport.is_closing()
     poll = select.poll()
-    poll.register(sock.fileno(), POLLRDHUP)
+    poll.register(sock.fileno(), POLLRDHUP if half_close else 0)
     try:
         events = poll.poll(0)
     except OSError:
         return True
-    return bool(events) and bool(events[0][1] & (POLLRDHUP | select.POLLHUP | select.POLLERR))
+    return bool(events) and bool(events[0][1] & ((POLLRDHUP if half_close else 0) | select.POLLHUP | select.POLLERR))
 
 
 class ReadGate:

@@ -86,6 +86,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         "reason",
         "sendq",
         "sendq_bytes",
+        "send_deadline",
         "server",
         "status",
         "te",
@@ -115,6 +116,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.tunnel: Tunnel | None = None
         self.read_deadline = Deadline(loop, self._on_read_timeout)
+        self.send_deadline = Deadline(loop, self._on_send_timeout)  # the lane's send_timeout
         self.read_timeout = 0.0
         self.last_read = 0.0
         # Per-response state
@@ -206,6 +208,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         self.is_closed = True
         self.sendq.clear()
         self.read_deadline.cancel()
+        self.send_deadline.cancel()
         if self.tunnel is not None:
             self.tunnel.connection_lost()
             return
@@ -228,11 +231,15 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        if self.exchange is not None:
-            self.exchange.upstream_write_paused()
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_write_paused()
+            if self.tunnel is None:  # (a tunnel has its own idle timeout)
+                self.send_deadline.set(self.loop.time() + ex.lane.send_timeout)  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.send_deadline.clear()
         if self.exchange is not None:
             self.exchange.upstream_write_resumed()
 
@@ -283,6 +290,16 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         self.server.pool.discard(self)
         self.is_idle = False
         self.close()
+
+    def _on_send_timeout(self) -> None:
+        # nginx proxy_send_timeout: the upstream took no request bytes for that long (504).
+        ex = self.exchange
+        if ex is None or not self.write_paused or self.tunnel is not None or self.is_closed:
+            return
+        self.broken = True
+        ex.upstream_failed(
+            UpstreamTimeout(f"upstream accepted no request bytes within send_timeout ({ex.lane.send_timeout:g}s)")  # type: ignore[union-attr]
+        )
 
     def _on_read_timeout(self) -> None:
         ex = self.exchange
