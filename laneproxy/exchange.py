@@ -38,7 +38,7 @@ from laneproxy.flow import CONNECTING, PEER_BUSY, hung_up
 from laneproxy.http1 import CRLF, REASON, STATUS_LINE, error_response, http_date, status_line
 from laneproxy.queue import FULL, QUEUED
 from laneproxy.tunnel import Tunnel, open_tunnel
-from laneproxy.upstream import LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamProtocol
+from laneproxy.upstream import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamProtocol
 
 if TYPE_CHECKING:
     from laneproxy.downstream import DownstreamProtocol
@@ -279,6 +279,8 @@ class Exchange(UpstreamLink):
         elif self.http11:
             parts.append(b"Transfer-Encoding: chunked\r\n")
             self.rechunk = True
+            if up.trailer_names and self.trailers_ok and mode == CHUNKED:
+                parts += up.trailer_names  # announced, as the trailers will follow (RFC 9110 §6.6.2)
         else:
             self.keep_alive = False  # close-delimited body to an HTTP/1.0 client
         if not self.req_done:

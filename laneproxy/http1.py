@@ -68,7 +68,7 @@ REQUEST_SPECIAL: dict[bytes, int] = {
 }
 
 # Response fields handled by the upstream side rather than copied.
-R_CL, R_TE, R_CONNECTION, R_DROP, R_KEEPALIVE, R_UPGRADE, R_DATE = range(7)
+R_CL, R_TE, R_CONNECTION, R_DROP, R_KEEPALIVE, R_UPGRADE, R_DATE, R_TRAILER = range(8)
 RESPONSE_SPECIAL: dict[bytes, int] = {
     b"date": R_DATE,  # kept; noted so that a response without one gets laneproxy's (RFC 9110 §6.6.1)
     b"content-length": R_CL,
@@ -76,7 +76,7 @@ RESPONSE_SPECIAL: dict[bytes, int] = {
     b"connection": R_CONNECTION,
     b"keep-alive": R_KEEPALIVE,
     b"proxy-connection": R_DROP,
-    b"trailer": R_DROP,
+    b"trailer": R_TRAILER,  # announces trailers: sent on only with them (F11)
     b"upgrade": R_UPGRADE,
 }
 

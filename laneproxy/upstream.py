@@ -26,6 +26,7 @@ from laneproxy.http1 import (
     R_DATE,
     R_KEEPALIVE,
     R_TE,
+    R_TRAILER,
     R_UPGRADE,
     RESPONSE_SPECIAL,
     TRAILER_DENY,
@@ -67,6 +68,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         "has_date",
         "n_head",
         "trailers",
+        "trailer_names",
         "gate",
         "got_bytes",
         "head_bytes",
@@ -129,6 +131,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         self.headers: list[bytes] = []
         self.has_date = False
         self.trailers: list[bytes] | None = None
+        self.trailer_names: list[bytes] = []  # the Trailer field lines (sent on with the trailers)
         self.content_length: int | None = None
         self.te: list[bytes] | None = None
         self.conn_tokens: list[bytes] | None = None
@@ -350,6 +353,8 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
             self._keep_alive_hint(value)
         elif kind == R_UPGRADE:
             self.upgrade = value.strip(b" \t").lower()
+        elif kind == R_TRAILER:
+            self.trailer_names.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
 
     def on_headers_complete(self) -> None:
         if self.done:
@@ -380,9 +385,13 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
                 self.read_deadline.cancel()
                 return
             self.informational = True
+            if self.conn_tokens:  # RFC 9110 §7.6.1 holds for every forwarded message
+                self._drop_connection_named()
             ex.on_informational(status, self.reason, self.headers)  # type: ignore[union-attr]
             self.reason = b""
             self.headers = []
+            self.has_date = False
+            self.trailer_names = []
             self.content_length = None
             self.te = self.conn_tokens = None
             return
@@ -439,6 +448,10 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         named = set(self.conn_tokens or ()) - {b"close", b"keep-alive"}
         if named:
             self.headers = [h for h in self.headers if h.split(b":", 1)[0].lower() not in named]
+            if b"date" in named:
+                self.has_date = False  # then laneproxy's own Date (RFC 9110 §6.6.1)
+            if b"trailer" in named:
+                self.trailer_names = []
 
     def __repr__(self) -> str:
         state = "idle" if self.exchange is None else "active"
