@@ -19,6 +19,9 @@ from laneproxy.queue import QUEUED, Histogram, LaneQueue
 log = logging.getLogger("laneproxy.lane")
 
 
+WATCH_EVERY = 0.2  # seconds between looks at queued waiters whose reading is paused
+
+
 class Server:
     """One upstream endpoint of a lane: its pool, passive and active health, counters."""
 
@@ -88,6 +91,7 @@ class Lane:
         )
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at = 0.0
+        self._watch: asyncio.TimerHandle | None = None
         # Counters, plain integers read at scrape time.
         self.in_flight = 0
         self.served = 0
@@ -100,6 +104,8 @@ class Lane:
         verdict = self.queue.admit(waiter, priority)
         if verdict == QUEUED:
             self._arm_expiry()
+            if self._watch is None:
+                self._watch = self.loop.call_later(WATCH_EVERY, self._on_watch)
         return verdict
 
     def release_slot(self) -> object | None:
@@ -128,6 +134,15 @@ class Lane:
                 self._expiry.cancel()
             self._expiry_at = when
             self._expiry = self.loop.call_at(when, self._on_expiry)
+
+    def _on_watch(self) -> None:
+        # Waiters whose reading is paused (a body, a pipelined request behind) see no FIN or
+        # reset by themselves: a look every WATCH_EVERY lets a client that left go at once.
+        self._watch = None
+        for waiter in self.queue.waiters():
+            waiter.watch_while_queued()  # type: ignore[attr-defined]
+        if len(self.queue):
+            self._watch = self.loop.call_later(WATCH_EVERY, self._on_watch)
 
     def _on_expiry(self) -> None:
         self._expiry = None

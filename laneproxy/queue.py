@@ -214,6 +214,10 @@ class LaneQueue:
         self.wait.observe(now - entry.t)
         return waiter
 
+    def waiters(self) -> list[object]:
+        """The waiters now queued (any order)."""
+        return [e.waiter for q in self._q for e in q if e.alive]
+
     def client_gone(self) -> None:
         """Count a waiter whose client left (also one found gone as it was admitted)."""
         self.shed["client_gone"] += 1
@@ -317,7 +321,9 @@ class LaneQueue:
                 due = entry.t + min(self.timeout, slough)
                 if now < due:
                     break
-                reason = "timeout" if now - entry.t >= self.timeout else "codel"
+                # The limit that made it due names the reason (`now - entry.t >= timeout` would
+                # misname a timeout whose float sum rounds low on the loop's millisecond clock).
+                reason = "timeout" if self.timeout <= slough else "codel"
                 q.popleft()
                 self._pending.append((entry.waiter, reason))
                 self._pending_due = min(self._pending_due, due)
