@@ -27,14 +27,15 @@ from laneproxy.flow import (
     Sender,
     hung_up,
 )
-from laneproxy.http1 import HTTP_REQUEST_LINE, ChunkLineGuard, error_response, strip_te_ows
+from laneproxy.http1 import ChunkLineGuard, error_response
 from laneproxy.request import RequestHead, TransferEncodingOWS, body_ends_within, build_exchange
+from laneproxy.request_start import RequestStart
 from laneproxy.tunnel import Tunnel
 
 LINGER_SECONDS = 5.0  # after an error answer, read and drop for at most this long, then close
 
 
-class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
+class DownstreamProtocol(RequestStart, RequestHead, Sender, asyncio.Protocol):
     """Parses client requests, builds their Exchanges, and writes their responses in order."""
 
     __slots__ = (
@@ -112,15 +113,6 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
         # Before the first byte, the header timeout applies (nginx client_header_timeout).
         self.idle_deadline.set(self.loop.time() + ctx.header_timeout)
 
-    @property
-    def local_host(self) -> bytes:
-        """This listener's address as a Host value (HTTP/1.0 requests without Host)."""
-        sock = self.transport.get_extra_info("sockname")
-        if not isinstance(sock, tuple):
-            return b"localhost"
-        host = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
-        return f"{host}:{sock[1]}".encode()
-
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.tunnel.from_downstream(data)
@@ -131,24 +123,9 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
         if self.lingering or self.parse_dead:
             return
         if (data[0] in (13, 10) or self.cr_pending) and self.current is None and not self.in_head:
-            # httptools skips stray CR/LF before a request line; only whole empty lines are allowed
-            # (RFC 9112 §2.2), also when a CRLF is split between two reads.
-            if self.cr_pending:
-                self.cr_pending = False
-                data = b"\r" + data
-            stripped = data.lstrip(b"\r\n")
-            blank = data[: len(data) - len(stripped)]
-            if not stripped and blank[-1] == 13:
-                self.cr_pending = True
-                blank = blank[:-1]
-            if blank.replace(b"\r\n", b""):
-                self._request_error(BadRequest("bare CR or LF before the request line"))
+            data = self._skip_empty_lines(data)
+            if not data:
                 return
-            if not stripped:
-                # Empty lines only: no request has begun, so the header (or keep-alive) timer
-                # keeps running; a trickle of CRLFs must not hold the connection open.
-                return
-            data = stripped
         self.idle_deadline.when = 0.0  # Deadline.clear(), inlined on the hot path
         guard = self.chunk_guard
         if guard is not None and self.current is not None:
@@ -169,14 +146,12 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
                     self.data_received(data[cut:])
                 return
         elif self.current is None:
-            if self.line_part is not None:  # a request line that spans reads goes on here
-                if not self._http_request_line(data):
-                    return
-            elif not self.in_head:
-                # A request line starts here: "HTTP/x.y" before its CR, where llhttp also takes
-                # "RTSP/x.y" and " ICE/x.y" (the first letter tells them apart; llhttp checks the rest).
+            part = self.line_part
+            if part is not None or not self.in_head:
+                # A request line starts (or goes on) here: "HTTP/x.y" before its CR, where llhttp
+                # also takes "RTSP/x.y" and " ICE/x.y" (the first letter tells; llhttp checks the rest).
                 cr = data.find(b"\r")
-                if (cr < 8 or data[cr - 8] != 72) and not self._http_request_line(data):
+                if (part is not None or cr < 8 or data[cr - 8] != 72) and not self._http_request_line(data):
                     return
             # A chunked request may start its body in this read: parse the head first, so the
             # guard sees the body from its first byte. Only the head is searched, never a body
@@ -203,21 +178,6 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
                 return
         self._feed(data)
 
-    def _http_request_line(self, data: bytes) -> bool:
-        """A request head starts (or its first line goes on) in `data`: is it an HTTP request
-        line? llhttp takes RTSP and ICE ones too. Answers 400 and returns False when not."""
-        part = self.line_part
-        line = data if part is None else part + data
-        if HTTP_REQUEST_LINE.match(line) is not None:
-            self.line_part = None
-            return True
-        if line.find(b"\n") == -1 and line.find(b"\r") == -1:
-            self.line_part = line  # the line is not all here: decided when its end comes
-            return True
-        self.line_part = None
-        self._request_error(BadRequest("not an HTTP/1.x request line"))
-        return False
-
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
@@ -225,14 +185,8 @@ class DownstreamProtocol(RequestHead, Sender, asyncio.Protocol):
             err = exc.__context__
             if not isinstance(err, ProxyError):
                 raise
-            if isinstance(err, TransferEncodingOWS) and self.head_bytes == 0:
-                clean = strip_te_ows(data)  # the head began in this read: parse it again without the OWS
-                if clean != data:
-                    self.parser = httptools.HttpRequestParser(self)
-                    self.requests -= 1  # (on_message_begin counts it again)
-                    self.ctx.requests -= 1
-                    self._feed(clean)
-                    return
+            if isinstance(err, TransferEncodingOWS) and self._reparse_without_te_ows(data):
+                return
             self._request_error(err)
             return
         except httptools.HttpParserUpgrade as exc:

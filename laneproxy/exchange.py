@@ -153,25 +153,26 @@ class Exchange(UpstreamLink):
     def admitted(self) -> None:
         """A queued exchange got its slot."""
         self.queued = False
-        down = self.down
-        # Reading may be paused while it waited (at most one read of body held, or a pipelined
-        # request behind), so a FIN or RST may be waiting unseen: a client that left is never
-        # sent upstream (abortonclose).
-        if down.is_closed or (down.gate.is_paused and hung_up(down.transport)):
+        if self._client_left():  # never sent upstream (abortonclose)
             lane = self.lane
             lane.queue.client_gone()  # type: ignore[union-attr]
-            down.abort()  # connection_lost → abort(): nothing was counted or sent
+            self.down.abort()  # connection_lost → abort(): nothing was counted or sent
             lane.pass_slot()  # type: ignore[union-attr]
             return
         if self.body_kind != BODY_NONE:
-            down.gate.open(CONNECTING)  # the rest of the body may come now
+            self.down.gate.open(CONNECTING)  # the rest of the body may come now
         self._go()
 
     def watch_while_queued(self) -> None:
-        """The lane's periodic look (Lane._on_watch) at a waiter whose reading is paused."""
+        """The lane's periodic look (Lane._on_watch) at a waiter: one whose client left goes now."""
+        if self.queued and self._client_left():
+            self.down.abort()  # connection_lost → abort() → the lane's queue lets it go
+
+    def _client_left(self) -> bool:
+        # Reading may be paused while it waits (at most one read of body held, or a pipelined
+        # request behind), so a FIN or RST may be waiting unseen: one poll(2) then.
         down = self.down
-        if self.queued and not down.is_closed and down.gate.is_paused and hung_up(down.transport):
-            down.abort()  # connection_lost → abort() → the lane's queue lets it go
+        return down.is_closed or (down.gate.is_paused and hung_up(down.transport))
 
     def shed(self, reason: str) -> None:
         """The lane queue gave up on this waiter (queue_timeout or CoDel): 503, connection kept."""

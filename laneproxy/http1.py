@@ -99,6 +99,12 @@ BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 _COMMON_TOKENS = {b"keep-alive": [b"keep-alive"], b"close": [b"close"], b"chunked": [b"chunked"]}
 
 
+def has_field(lines: list[bytes], prefix: bytes) -> bool:
+    """Is there a field line (`Name: value\r\n`) whose lower-cased name and colon are `prefix`?"""
+    n = len(prefix)
+    return any(line[:n].lower() == prefix for line in lines)
+
+
 def split_tokens(value: bytes) -> list[bytes]:
     """A comma list (Connection, Transfer-Encoding) → lowercased tokens, empty elements dropped."""
     common = _COMMON_TOKENS.get(value)  # the usual single token: no split on the hot path

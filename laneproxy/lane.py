@@ -158,24 +158,23 @@ class Lane:
         single = self.single
         if single is not None:
             return None if tried else single  # one server: never marked down, nowhere else to go
-        now = self.loop.time()
-        candidates = [s for s in self.primary if s not in tried and s.available(now)]
+        candidates = self._candidates(tried)
         if not candidates:
-            candidates = [s for s in self.backups if s not in tried and s.available(now)]
-            if not candidates:
-                return None
+            return None
         if len(candidates) == 1:
             return candidates[0]
         return self._pick(candidates)
 
     def can_try_another(self, tried: tuple[Server, ...]) -> bool:
         """Would `pick(tried)` find a server? (Without moving the balancer's state.)"""
-        if self.single is not None:
-            return not tried
+        return not tried if self.single is not None else bool(self._candidates(tried))
+
+    def _candidates(self, tried: tuple[Server, ...]) -> list[Server]:
+        """The available servers not yet tried: primaries, else backups (nginx `backup`)."""
         now = self.loop.time()
-        return any(s not in tried and s.available(now) for s in self.primary) or any(
-            s not in tried and s.available(now) for s in self.backups
-        )
+        return [s for s in self.primary if s not in tried and s.available(now)] or [
+            s for s in self.backups if s not in tried and s.available(now)
+        ]
 
     @staticmethod
     def _round_robin(candidates: list[Server]) -> Server:

@@ -33,6 +33,7 @@ from laneproxy.http1 import (
     VIA,
     VIA_10,
     check_host,
+    has_field,
     split_target,
     split_tokens,
 )
@@ -135,6 +136,15 @@ class RequestHead:
         # H_DROP: hop-by-hop or laneproxy's own forwarding fields
 
 
+def local_host(down: DownstreamProtocol) -> bytes:
+    """The listener's address as a Host value (HTTP/1.0 requests without Host)."""
+    sock = down.transport.get_extra_info("sockname")
+    if not isinstance(sock, tuple):
+        return b"localhost"
+    host = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
+    return f"{host}:{sock[1]}".encode()
+
+
 def build_exchange(down: DownstreamProtocol) -> Exchange:
     """The parsed request (head complete) → an Exchange carrying laneproxy's own upstream head."""
     p = down.parser
@@ -175,7 +185,7 @@ def build_exchange(down: DownstreamProtocol) -> Exchange:
     elif host is None:
         if http11:
             raise BadRequest("missing Host")
-        out_host = down.local_host
+        out_host = local_host(down)
     else:
         if host != down.host_ok:  # a keep-alive client repeats its Host: validate it once
             down.host_ok = check_host(host)
@@ -294,12 +304,6 @@ def body_ends_within(head: bytes, after: int) -> bool:
         return int(head[i + 15 : j if j != -1 else len(head)]) < after
     except ValueError:
         return True
-
-
-def has_field(lines: list[bytes], prefix: bytes) -> bool:
-    """Is there a field line whose lower-cased name and colon are `prefix`?"""
-    n = len(prefix)
-    return any(line[:n].lower() == prefix for line in lines)
 
 
 def host_fields_for(host: bytes, via: bytes = VIA) -> bytes:

@@ -30,6 +30,7 @@ from laneproxy.http1 import (
     R_UPGRADE,
     RESPONSE_SPECIAL,
     TRAILER_DENY,
+    has_field,
     split_tokens,
 )
 
@@ -131,7 +132,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         self.headers: list[bytes] = []
         self.has_date = False
         self.trailers: list[bytes] | None = None
-        self.trailer_names: list[bytes] = []  # the Trailer field lines (sent on with the trailers)
+        self.trailer_names: tuple[bytes, ...] = ()  # the Trailer field lines (sent on with the trailers)
         self.content_length: int | None = None
         self.te: list[bytes] | None = None
         self.conn_tokens: list[bytes] | None = None
@@ -354,7 +355,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         elif kind == R_UPGRADE:
             self.upgrade = value.strip(b" \t").lower()
         elif kind == R_TRAILER:
-            self.trailer_names.append(b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")))
+            self.trailer_names += (b"".join((name, b": ", value.rstrip(b" \t"), b"\r\n")),)
 
     def on_headers_complete(self) -> None:
         if self.done:
@@ -377,9 +378,8 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
                 protocol = self.upgrade.split(b"/")[0]
                 if protocol not in offered:
                     raise UpstreamProtocolError("upstream switched to a protocol that was not asked for")
-                if protocol == b"websocket" and not any(
-                    h[:21].lower() == b"sec-websocket-accept:" for h in self.headers
-                ):  # RFC 6455 §4.1: a failed handshake; never a tunnel (502, as HAProxy does)
+                if protocol == b"websocket" and not has_field(self.headers, b"sec-websocket-accept:"):
+                    # RFC 6455 §4.1: a failed handshake; never a tunnel (502, as HAProxy does)
                     raise UpstreamProtocolError("upstream's 101 has no Sec-WebSocket-Accept")
                 self.mode = SWITCHED
                 self.read_deadline.cancel()
@@ -391,7 +391,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
             self.reason = b""
             self.headers = []
             self.has_date = False
-            self.trailer_names = []
+            self.trailer_names = ()
             self.content_length = None
             self.te = self.conn_tokens = None
             return
@@ -451,7 +451,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
             if b"date" in named:
                 self.has_date = False  # then laneproxy's own Date (RFC 9110 §6.6.1)
             if b"trailer" in named:
-                self.trailer_names = []
+                self.trailer_names = ()
 
     def __repr__(self) -> str:
         state = "idle" if self.exchange is None else "active"

@@ -15,6 +15,7 @@ import pytest
 from laneproxy.config import ClientConfig
 from laneproxy.downstream import LINGER_SECONDS, Context, DownstreamProtocol
 from laneproxy.flow import HIGH_WATER, LOW_WATER
+from laneproxy.request import local_host
 from laneproxy.router import Router
 from tests.helpers import (
     OK_5,
@@ -61,7 +62,7 @@ async def test_connection_made_registers_and_sets_watermarks(pair: ProxyPair) ->
     assert pair.down in pair.ctx.connections
     assert pair.down_t.write_limits == (HIGH_WATER, LOW_WATER)
     assert pair.down.peer_ip == b"192.0.2.7"
-    assert pair.down.local_host == b"127.0.0.1:8080"
+    assert local_host(pair.down) == b"127.0.0.1:8080"
     assert not pair.down_t.closed and not pair.down_t.read_paused
 
 
