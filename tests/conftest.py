@@ -244,6 +244,25 @@ async def close_tracked_clients() -> AsyncIterator[None]:
             pass
 
 
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float = 3.0) -> tuple[bytes, bool]:
+    """Everything until EOF or reset: (bytes, reset?). Fails the test if neither comes in time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    data = bytearray()
+    while True:
+        left = deadline - loop.time()
+        assert left > 0, f"connection still open after {timeout}s; got {bytes(data[:300])!r}"
+        try:
+            chunk = await asyncio.wait_for(reader.read(65536), left)
+        except TimeoutError:
+            raise AssertionError(f"connection still open after {timeout}s; got {bytes(data[:300])!r}") from None
+        except ConnectionError:
+            return bytes(data), True
+        if not chunk:
+            return bytes(data), False
+        data += chunk
+
+
 async def exchange(port: int, request: bytes, method: bytes = b"GET") -> tuple[int, dict, bytes]:
     """Send one raw request on a fresh connection and read one response."""
     reader, writer = await open_client(port)

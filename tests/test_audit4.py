@@ -26,6 +26,7 @@ from tests.conftest import (
     track_writer,
 )
 from tests.conftest import open_tracked_client as open_client
+from tests.conftest import read_until_closed as read_to_close
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("close_tracked_clients")]
 
@@ -38,25 +39,6 @@ GET = b"GET %s HTTP/1.1\r\nHost: t.example\r\n\r\n"
 
 async def recv(reader: asyncio.StreamReader, method: bytes = b"GET", timeout: float = WAIT):
     return await asyncio.wait_for(read_response(reader, method), timeout)
-
-
-async def read_to_close(reader: asyncio.StreamReader, timeout: float = WAIT) -> tuple[bytes, bool]:
-    """Everything until EOF or reset: (bytes, reset?). Fails the test if neither comes in time."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    data = bytearray()
-    while True:
-        left = deadline - loop.time()
-        assert left > 0, f"connection still open after {timeout}s; got {bytes(data[:300])!r}"
-        try:
-            chunk = await asyncio.wait_for(reader.read(65536), left)
-        except TimeoutError:
-            raise AssertionError(f"connection still open after {timeout}s; got {bytes(data[:300])!r}") from None
-        except ConnectionError:
-            return bytes(data), True
-        if not chunk:
-            return bytes(data), False
-        data += chunk
 
 
 def split_head(data: bytes) -> tuple[bytes, dict[bytes, list[bytes]], bytes]:

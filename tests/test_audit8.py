@@ -15,7 +15,7 @@ import asyncio
 
 import pytest
 
-from tests.conftest import make_config, read_response
+from tests.conftest import make_config, read_response, read_until_closed
 from tests.conftest import open_client as _open_client
 
 pytestmark = pytest.mark.timeout(30)
@@ -62,22 +62,8 @@ async def final(reader: asyncio.StreamReader, timeout: float = WAIT):
 
 
 async def read_to_close(reader: asyncio.StreamReader, timeout: float = WAIT) -> bytes:
-    """Everything until EOF or reset. Fails the test if neither comes in time."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    data = bytearray()
-    while True:
-        left = deadline - loop.time()
-        assert left > 0, f"connection still open after {timeout}s; got {bytes(data[:300])!r}"
-        try:
-            chunk = await asyncio.wait_for(reader.read(65536), left)
-        except TimeoutError:
-            raise AssertionError(f"connection still open after {timeout}s; got {bytes(data[:300])!r}") from None
-        except ConnectionError:
-            return bytes(data)
-        if not chunk:
-            return bytes(data)
-        data += chunk
+    """Everything until EOF or reset; fails the test if the connection stays open."""
+    return (await read_until_closed(reader, timeout))[0]
 
 
 def request_lines(up) -> list[bytes]:

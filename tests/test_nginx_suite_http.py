@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_config, read_response
+from tests.conftest import make_config, read_response, read_until_closed
 from tests.conftest import open_client as _open_client
 from tests.conftest import open_tracked_client as open_client
 
@@ -38,21 +38,7 @@ async def recv(reader: asyncio.StreamReader, method: bytes = b"GET", timeout: fl
 
 async def read_to_close(reader: asyncio.StreamReader, timeout: float = WAIT) -> bytes:
     """Everything until EOF or reset; fails the test if the connection stays open."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    data = bytearray()
-    while True:
-        left = deadline - loop.time()
-        assert left > 0, f"connection still open after {timeout}s; got {bytes(data[:300])!r}"
-        try:
-            chunk = await asyncio.wait_for(reader.read(65536), left)
-        except TimeoutError:
-            raise AssertionError(f"connection still open after {timeout}s; got {bytes(data[:300])!r}") from None
-        except ConnectionError:
-            return bytes(data)
-        if not chunk:
-            return bytes(data)
-        data += chunk
+    return (await read_until_closed(reader, timeout))[0]
 
 
 async def send_until_close(port: int, request: bytes) -> bytes:
