@@ -161,10 +161,18 @@ class Outbox:
 _outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()
 
 
+_last_box: Outbox | None = None  # the worker's one loop: no WeakKeyDictionary lookup per connection
+
+
 def outbox_for(loop: asyncio.AbstractEventLoop) -> Outbox:
+    global _last_box
+    box = _last_box
+    if box is not None and box.loop is loop:
+        return box
     box = _outboxes.get(loop)
     if box is None:
         box = _outboxes[loop] = Outbox(loop)
+    _last_box = box
     return box
 
 
