@@ -296,12 +296,14 @@ def body_ends_within(head: bytes, after: int) -> bool:
     """A raw request head (lower-cased) followed by `after` bytes in the same read: does its body
     end within them (no Content-Length, or a smaller one)? Unparsable values: True (httptools
     will say what is wrong)."""
-    i = head.find(b"content-length:")
+    # At a line start: `X-Content-Length:` or a value holding "content-length:" must not count,
+    # or a pipelined request behind this body would skip the checks of a request's first byte.
+    i = head.find(b"\ncontent-length:")
     if i == -1:
         return True
     j = head.find(b"\r", i)
     try:
-        return int(head[i + 15 : j if j != -1 else len(head)]) < after
+        return int(head[i + 16 : j if j != -1 else len(head)]) < after
     except ValueError:
         return True
 

@@ -404,6 +404,10 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
             if self.te != [b"chunked"]:
                 raise UpstreamProtocolError("upstream used a Transfer-Encoding other than chunked")
             self.content_length = None
+            if self.parser.get_http_version() == "1.0":
+                # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing;
+                # relay it, then close the connection (nginx does; HAProxy closes both sides).
+                self.keep_alive = False
         if ex.is_head or status == 204 or status == 304:  # type: ignore[union-attr]
             self.mode = NO_BODY
             self.done = True

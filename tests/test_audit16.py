@@ -16,8 +16,8 @@ state, and a canary on a fresh connection afterwards gets its own 200 over a cle
 connection. Every probe was also run through nginx 1.22 (`proxy_http_version 1.1`, upstream
 keepalive, `proxy_request_buffering off`) and HAProxy 2.6 (`mode http`, `http-reuse always`) in
 front of the same recording upstream in a scratch harness; what they do is in each case's note.
-Findings are strict xfails asserting the policy of docs http-rules.md. Every network wait is
-bounded.
+The two findings of this round (FINDING_1, FINDING_2) are fixed; their cases pin the fixes.
+Every network wait is bounded.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ REQUEST_CASES: list[Case] = [
 # llhttp at once, and the pipelined request behind the body skips those checks: an RTSP request line
 # goes upstream as HTTP/1.1 (the audit 8 finding, reopened), a bare LF before a request is accepted
 # (R3), and the 1 KiB chunk-extension bound (F10) is not applied. nginx and HAProxy answer 400 to
-# the RTSP line. Fix: look for the field name at a line start ("\r\ncontent-length:").
+# the RTSP line. Fixed: the field name is looked for at a line start ("\ncontent-length:").
 
 TRICK = b"X-Content-Length: 99999\r\nContent-Length: 5\r\n"
 REF_TRICK = b"Referer: http://a/content-length: 99999\r\nContent-Length: 5\r\n"
@@ -279,17 +279,11 @@ FINDING_1: list[Case] = [
         note="F10, as audit 3 chunk-ext-over-1k-pipelined-after-cl-body (nginx and HAProxy accept it)",
     ),
 ]
-FINDING_1_REASON = (
-    "finding: request.body_ends_within() finds 'content-length:' inside another field "
-    "(X-Content-Length / a value) first, so a request pipelined behind the body skips the "
-    "per-request start checks (RTSP line forwarded as HTTP/1.1, bare LF, chunk-extension limit)"
-)
 
 
 @pytest.mark.parametrize(
     "case",
-    [*REQUEST_CASES, *(pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=FINDING_1_REASON))
-                       for c in FINDING_1)],
+    [*REQUEST_CASES, *FINDING_1],
     ids=[c.id for c in REQUEST_CASES + FINDING_1],
 )
 async def test_request_case(start_proxy, upstream, case: Case):
@@ -469,8 +463,8 @@ RESPONSE_CASES: list[Case] = [
 # HTTP/1.0 message with Transfer-Encoding MUST treat the framing as faulty and close the connection
 # after processing it ("the message sender might have retained a portion of the message"). nginx
 # closes that upstream connection (and opens a new one for the next request); HAProxy closes both.
-# Suspected code: upstream.on_headers_complete takes keep_alive from llhttp's should_keep_alive()
-# without looking at the version when `te` is set.
+# Fixed: upstream.on_headers_complete took keep_alive from llhttp's should_keep_alive() without
+# looking at the version when `te` is set; now such a response is relayed and the connection closed.
 FINDING_2: list[Case] = [
     respond(
         "resp-http10-keepalive-chunked",
@@ -480,16 +474,11 @@ FINDING_2: list[Case] = [
         note="RFC 9112 6.1 MUST close",
     ),
 ]
-FINDING_2_REASON = (
-    "finding: an HTTP/1.0 upstream response with Transfer-Encoding and Connection: keep-alive is "
-    "pooled and reused; RFC 9112 6.1 says close the connection after it (nginx and HAProxy do)"
-)
 
 
 @pytest.mark.parametrize(
     "case",
-    [*RESPONSE_CASES, *(pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=FINDING_2_REASON))
-                        for c in FINDING_2)],
+    [*RESPONSE_CASES, *FINDING_2],
     ids=[c.id for c in RESPONSE_CASES + FINDING_2],
 )
 async def test_response_case(start_proxy, upstream, case: Case):
