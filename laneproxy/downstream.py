@@ -135,7 +135,7 @@ class DownstreamProtocol(RequestStart, RequestHead, Sender, asyncio.Protocol):
                 self._request_error(err)
                 return
             if not fits:
-                self._request_error(BadRequest("chunk extensions too long"))
+                self._request_error(BadRequest("chunk-size line too long (over 1 KiB of extensions or zeros)"))
                 return
             cut = guard.tail
             if 0 < cut < len(data):
