@@ -1,6 +1,8 @@
 """RequestStart: the raw bytes where a request starts, before httptools parses them.
 
-A mixin on DownstreamProtocol's slots. llhttp is strict, but three things at the start of a
+A mixin on DownstreamProtocol's slots. Where one message ends inside a read, the rest is cut off
+and starts anew (`_cut`), so each request gets these checks from its first byte, and a head's
+blank line may straddle reads (`_head_end`). llhttp is strict, but three things at the start of a
 request need laneproxy's own look at the raw bytes: the empty lines it would skip (only whole
 CRLFs are allowed before a request line, RFC 9112 §2.2), the protocol name of the request line
 (llhttp also takes RTSP/x.y and ICE/x.y and reports only the numbers), and a Transfer-Encoding
@@ -29,6 +31,7 @@ class RequestStart:
     parser: httptools.HttpRequestParser
     requests: int
     head_bytes: int
+    head_parts: list[bytes]
     cr_pending: bool
     line_part: bytes | None
 
@@ -37,6 +40,24 @@ class RequestStart:
         def _request_error(self, err: ProxyError) -> None: ...
 
         def _feed(self, data: bytes) -> None: ...
+
+        def data_received(self, data: bytes) -> None: ...
+
+        is_closed: bool
+
+    def _cut(self, data: bytes, at: int) -> None:
+        """A message ends at `at`: what follows takes the usual way, checked as a new start
+        (request line, empty lines, chunk guard, Upgrade hold, ...)."""
+        self._feed(data[:at])
+        if not self.is_closed:
+            self.data_received(data[at:])
+
+    def _parsed_method(self) -> bytes | None:
+        """The method of the request line read so far (None: not that far)."""
+        try:
+            return self.parser.get_method()
+        except Exception:  # noqa: BLE001 - nothing parsed yet
+            return None
 
     def _skip_empty_lines(self, data: bytes) -> bytes:
         """`data` without the empty lines before a request line (b"" when nothing else is
@@ -71,11 +92,27 @@ class RequestStart:
         self._request_error(BadRequest("not an HTTP/1.x request line"))
         return False
 
+    def _head_end(self, data: bytes) -> int:
+        """Where in `data` the head begun in earlier reads (`head_parts`) ends, just after its
+        blank line, which may straddle the reads; -1 when it does not end in `data`."""
+        tail = self.head_parts[-1][-3:]
+        if len(tail) < 3:
+            tail = b"".join(self.head_parts[-3:])[-3:]
+        if tail[-1:] == b"\r":
+            if tail == b"\r\n\r" and data[:1] == b"\n":
+                return 1
+            if data[:3] == b"\n\r\n":
+                return 3
+        elif tail[-2:] == b"\r\n" and data[:2] == b"\r\n":
+            return 2
+        end = data.find(b"\r\n\r\n")
+        return -1 if end == -1 else end + 4
+
     def _reparse_without_te_ows(self, data: bytes) -> bool:
         """The field callback refused a Transfer-Encoding value with an HTAB after it: parse the
-        head again without that whitespace, when it began in this read (True: done)."""
-        if self.head_bytes:
-            return False
+        head again, from its first byte, without that whitespace (True: done)."""
+        if self.head_bytes:  # the head began in earlier reads
+            data = b"".join(self.head_parts) + data
         clean = strip_te_ows(data)
         if clean == data:
             return False

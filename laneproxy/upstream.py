@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     from laneproxy.tunnel import Tunnel
 
 MAX_RESPONSE_HEAD = 64 * 1024  # like nginx proxy_buffer_size limits it (502 beyond)
+# The bound is on the field lines kept (checked when the head is complete, however it was read).
+# Until then only raw bytes are known: they bound a runaway head, with room for the status line
+# and the lines llhttp trims or laneproxy drops, so a head within the bound passes in any reads.
+MAX_RAW_RESPONSE_HEAD = MAX_RESPONSE_HEAD + 8 * 1024
 _SPECIAL_LENGTHS = frozenset(len(name) for name in RESPONSE_SPECIAL)
 
 def trailer_fields(lines: list[bytes]) -> list[bytes]:
@@ -192,7 +196,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         if self.exchange is ex:
             if self.done:
                 ex.on_response_complete()
-            elif self.mode == -1 and self.head_bytes > MAX_RESPONSE_HEAD:
+            elif self.mode == -1 and self.head_bytes > MAX_RAW_RESPONSE_HEAD:
                 # Still no end of the response head: bound it (httptools itself has no limit).
                 self.broken = True
                 ex.upstream_failed(UpstreamProtocolError("upstream response header section too large"))
@@ -390,6 +394,7 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
             ex.on_informational(status, self.reason, self.headers)  # type: ignore[union-attr]
             self.reason = b""
             self.headers = []
+            self.head_bytes = 0  # each head has its own bound (this read's rest is not counted)
             self.has_date = False
             self.trailer_names = ()
             self.content_length = None

@@ -28,7 +28,7 @@ scripted upstream answers a request only once it is complete at the upstream, an
 client has nothing more to deliver (or laneproxy paused reading): the client is faster than the
 upstream, so the timing is the same for every cut and only the cut itself varies.
 
-Findings are strict xfails with a minimal reproduction each (see the `FINDING` section).
+Its four findings are fixed; each keeps its minimal reproduction (the `FINDING` sections).
 """
 
 from __future__ import annotations
@@ -465,24 +465,18 @@ def _corpus_requests() -> list[Req]:
 # refused (RFC 9112 §2.2); a request pipelined after `Connection: close` (or after HTTP/1.0) is
 # parsed and queued, and the connection ends in a lingering close instead of a close. Three cut
 # positions per request head; the main tests leave those deliveries to the `straddle` tests.
+# Fixed: the head's last reads are kept (`head_parts`) and request_start._head_end finds a blank
+# line that straddles reads.
 
-STRADDLE_FINDING = (
-    "finding 1: a read that ends inside a request head's CRLFCRLF (after its CR, CRLF or CRLFCR) makes "
-    "downstream.data_received miss the head's end, so the body or the next request goes to llhttp unchecked "
-    "(chunk extension limit, HTTP/x.y check, bare-LF check skipped)"
-)
 
 
 # -- FINDING 2: `Transfer-Encoding: chunked<HTAB>` in a head that spans reads -------------------------
 #
 # request_start._reparse_without_te_ows parses the head again without the HTAB only when the head
 # began in the read being fed (`head_bytes == 0`). A head cut anywhere before the end of its
-# Transfer-Encoding line gets 400 instead of the 200 of one read.
+# Transfer-Encoding line gets 400 instead of the 200 of one read. Fixed: the re-parse starts from
+# the head's first byte (`head_parts`).
 
-TE_HTAB_FINDING = (
-    "finding 2: `Transfer-Encoding: chunked\\t` is accepted (re-parsed without the HTAB) only when the whole head "
-    "is in one read; a head cut before the end of that line gets 400 (request_start._reparse_without_te_ows)"
-)
 
 
 # -- FINDING 3: the raw size bound of a request head counts only heads left incomplete by a read -----
@@ -492,11 +486,8 @@ TE_HTAB_FINDING = (
 # Leading OWS of field values is not counted by on_header's limits, so a head of 59 KiB (eight
 # field lines padded with 7400 spaces) passes in one read (and with any cut in its first 57 KiB)
 # and gets 431 when a read leaves more than 56 KiB of it incomplete (byte by byte: always).
+# Fixed: the raw head up to its blank line is bounded wherever the reads cut it.
 
-HEAD_BYTES_FINDING = (
-    "finding 3: a request head over client max_head_bytes (raw, padded with OWS) is accepted in one read "
-    "and refused with 431 when delivered in pieces (downstream._feed counts head_bytes only for incomplete heads)"
-)
 
 STRADDLE_CASES = {
     "pipeline-get-lf-get", "pipeline-cl-lf-get", "pipeline-close-then-get", "chunked-ext-over-1k", "pipeline-get-rtsp",
@@ -509,32 +500,16 @@ STRADDLE_CASES = {
 TE_HTAB_CASES = {"te-chunked-htab", "te-chunked-sp-htab", "te-chunked-htab-then-get"}
 
 
-def _straddle_marks(req: Req) -> list:
-    if req.id in STRADDLE_CASES:
-        return [pytest.mark.xfail(strict=True, reason=STRADDLE_FINDING)]
-    if req.id in TE_HTAB_CASES:  # (every such delivery also cuts the head before its TE line)
-        return [pytest.mark.xfail(strict=True, reason=TE_HTAB_FINDING)]
-    return []
-
-
-def _marks(req: Req) -> list:
-    if req.id in TE_HTAB_CASES:
-        return [pytest.mark.xfail(strict=True, reason=TE_HTAB_FINDING)]
-    if req.id == "head-ows-padded":
-        return [pytest.mark.xfail(strict=True, reason=HEAD_BYTES_FINDING)]
-    return []
-
-
 ALL_REQUESTS = OWN_REQUESTS + _corpus_requests()
 assert len({r.id for r in ALL_REQUESTS}) == len(ALL_REQUESTS)
 
 
-@pytest.mark.parametrize("req", [pytest.param(r, id=r.id, marks=_straddle_marks(r)) for r in ALL_REQUESTS])
+@pytest.mark.parametrize("req", [pytest.param(r, id=r.id) for r in ALL_REQUESTS])
 async def test_request_outcome_with_a_read_ending_inside_the_head_terminator(req: Req) -> None:
     check_request_invariance(asyncio.get_running_loop(), req.data, req.client, req.lane, straddle=True)
 
 
-@pytest.mark.parametrize("req", [pytest.param(r, id=r.id, marks=_marks(r)) for r in ALL_REQUESTS])
+@pytest.mark.parametrize("req", [pytest.param(r, id=r.id) for r in ALL_REQUESTS])
 async def test_request_outcome_does_not_depend_on_read_boundaries(req: Req) -> None:
     base = check_request_invariance(asyncio.get_running_loop(), req.data, req.client, req.lane)
     (messages, _), _, _, held = base
@@ -739,22 +714,12 @@ assert len({r.id for r in ALL_RESPONSES}) == len(ALL_RESPONSES)
 # field lines kept for the client. A head whose kept field lines add up to exactly 64 KiB is
 # relayed when it comes in one read and answered with 502 when a read ends in its last 38 bytes;
 # a 103 with 40 KB of fields followed by a 200 with 30 KB is relayed in one read, and gets a 502
-# after the 103 when the 200's head is cut.
-
-RESPONSE_HEAD_FINDING = (
-    "finding 4: the 64 KiB response-head bound counts raw bytes across reads (status line, Content-Length, "
-    "earlier 1xx heads included) but only the kept field lines when the head ends in the read "
-    "(upstream.data_received head_bytes vs on_headers_complete): 200 in one read, 502 when cut"
-)
+# after the 103 when the 200's head is cut. Fixed: the bound is on the kept field lines; the raw
+# count, reset after each 1xx, only stops a runaway head (with 8 KiB of room above the bound).
 
 
-def _response_marks(case: Resp) -> list:
-    if case.id in ("head-fields-at-bound", "early-hints-big-then-200"):
-        return [pytest.mark.xfail(strict=True, reason=RESPONSE_HEAD_FINDING)]
-    return []
 
-
-@pytest.mark.parametrize("case", [pytest.param(r, id=r.id, marks=_response_marks(r)) for r in ALL_RESPONSES])
+@pytest.mark.parametrize("case", [pytest.param(r, id=r.id) for r in ALL_RESPONSES])
 async def test_response_outcome_does_not_depend_on_read_boundaries(case: Resp) -> None:
     base = check_response_invariance(asyncio.get_running_loop(), case)
     (messages, rest), _, _, _ = base
@@ -779,7 +744,6 @@ def last_lf_of_head(data: bytes) -> int:
     return data.index(b"\r\n\r\n") + 3
 
 
-@pytest.mark.xfail(strict=True, reason=STRADDLE_FINDING)
 async def test_finding1_valid_chunked_body_is_refused_when_a_read_ends_inside_the_head_terminator() -> None:
     # The head's CRLFCR in one read, then `\nA\r\n0123`, then the rest: the chunk guard is created at
     # the end of the head but first fed the next read, and takes `456789` for a chunk size (413).
@@ -790,7 +754,6 @@ async def test_finding1_valid_chunked_body_is_refused_when_a_read_ends_inside_th
     assert forwarded(out) == [(b"POST /p HTTP/1.1", b"0123456789")]
 
 
-@pytest.mark.xfail(strict=True, reason=STRADDLE_FINDING)
 async def test_finding1_chunk_extension_limit_holds_when_a_read_ends_inside_the_head_terminator() -> None:
     data = post(TE_CH, LONG_EXT_CH)  # 2 KB of extensions: 400 (F10), in one read
     e = last_lf_of_head(data)
@@ -800,7 +763,6 @@ async def test_finding1_chunk_extension_limit_holds_when_a_read_ends_inside_the_
     assert forwarded(out) == []
 
 
-@pytest.mark.xfail(strict=True, reason=STRADDLE_FINDING)
 async def test_finding1_pipelined_rtsp_request_is_refused_when_a_read_ends_inside_the_head_terminator() -> None:
     data = get(b"/1") + b"DESCRIBE /r RTSP/1.0\r\n" + HOST + b"\r\n"
     e = last_lf_of_head(data)
@@ -809,7 +771,6 @@ async def test_finding1_pipelined_rtsp_request_is_refused_when_a_read_ends_insid
     assert forwarded(out) == [(b"GET /1 HTTP/1.1", b"")]  # not `DESCRIBE /r HTTP/1.1` as HTTP/1.0
 
 
-@pytest.mark.xfail(strict=True, reason=STRADDLE_FINDING)
 async def test_finding1_bare_lf_before_a_pipelined_request_is_refused_when_a_read_ends_inside_the_head_terminator(
 ) -> None:
     data = get(b"/1") + b"\n" + get(b"/2")  # R3 / RFC 9112 §2.2: 200, then 400 and close
@@ -819,7 +780,6 @@ async def test_finding1_bare_lf_before_a_pipelined_request_is_refused_when_a_rea
     assert forwarded(out) == [(b"GET /1 HTTP/1.1", b"")]
 
 
-@pytest.mark.xfail(strict=True, reason=TE_HTAB_FINDING)
 async def test_finding2_transfer_encoding_htab_head_in_two_reads_is_accepted_as_in_one() -> None:
     loop = asyncio.get_running_loop()
     data = post(b"Transfer-Encoding: chunked\t\r\n", HELLO_CH)
@@ -830,7 +790,6 @@ async def test_finding2_transfer_encoding_htab_head_in_two_reads_is_accepted_as_
     assert forwarded(cut) == forwarded(one)
 
 
-@pytest.mark.xfail(strict=True, reason=HEAD_BYTES_FINDING)
 async def test_finding3_raw_request_head_bound_is_the_same_in_one_read_and_byte_by_byte() -> None:
     loop = asyncio.get_running_loop()
     data = get(fields=OWS_PAD)
@@ -840,7 +799,6 @@ async def test_finding3_raw_request_head_bound_is_the_same_in_one_read_and_byte_
     assert statuses(one) == statuses(bytewise), (statuses(one), statuses(bytewise))
 
 
-@pytest.mark.xfail(strict=True, reason=RESPONSE_HEAD_FINDING)
 @pytest.mark.parametrize("answer", [HEAD_AT_BOUND, EARLY_HINTS_BIG], ids=["fields-at-64k", "103-then-200"])
 async def test_finding4_response_head_bound_is_the_same_in_one_read_and_cut(answer: bytes) -> None:
     loop = asyncio.get_running_loop()
