@@ -368,7 +368,9 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         status = self.parser.get_status_code()
         self.status = status
         if status < 200:
-            if status < 100:  # RFC 9110 §15: status codes are 100-599 (llhttp takes any 3 digits)
+            # RFC 9110 §15: status codes are 100-599 (llhttp takes any 3 digits). One below 100
+            # would pass for a 1xx here; 600-999 are relayed as final answers (nginx, HAProxy).
+            if status < 100:
                 raise UpstreamProtocolError(f"invalid status code {status:03d} from upstream")
             if self.content_length or self.te is not None:
                 # RFC 9112 §6.3(1): a 1xx ends at its blank line. llhttp would read a body for it,
