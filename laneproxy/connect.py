@@ -40,11 +40,13 @@ class UpstreamLink:
             self._attach(conn, True)  # reused
             return True
         self.down.gate.close(CONNECTING)
-        server.pool.connecting += 1
         self.connect_task = self.down.loop.create_task(self._connect(server))
         return True
 
     async def _connect(self, server: Server) -> None:
+        # Counted here, not when the task is made: a task cancelled before its first step never
+        # runs, so its `except CancelledError` would never give the count back.
+        server.pool.connecting += 1
         loop = self.down.loop
         lane = self.lane
         err: ProxyError | None = None

@@ -212,13 +212,11 @@ def all_servers(proxy):
     return [s for lane in [*proxy.lanes.values(), *proxy.retired] for s in lane.servers]
 
 
-# Finding 1 (test_connecting_gauge_after_a_request_refused_in_the_read_that_started_its_connect):
-# `pool.connecting` leaks when the connect task is cancelled before its first step. Scenarios that
-# hit it (the corpus's bad chunked bodies) check every other invariant; flip this once it is fixed.
-CONNECTING_LEAK = True
+# Finding 1 (test_connecting_gauge_after_a_request_refused_in_the_read_that_started_its_connect),
+# fixed: `pool.connecting` leaked when the connect task was cancelled before its first step.
 
 
-def idle_problems(proxy, open_by_port: dict[int, int] | None, connecting_leak: bool = False) -> list[str]:
+def idle_problems(proxy, open_by_port: dict[int, int] | None) -> list[str]:
     """Everything that says the proxy is not back to idle (empty list: idle)."""
     problems = []
     ctx = proxy.ctx
@@ -234,7 +232,7 @@ def idle_problems(proxy, open_by_port: dict[int, int] | None, connecting_leak: b
     idle_at: Counter[int] = Counter()
     for s in all_servers(proxy):
         pool = s.pool
-        if s.in_flight or pool.active or (pool.connecting and not connecting_leak):
+        if s.in_flight or pool.active or pool.connecting:
             problems.append(f"server {s.name}: in_flight {s.in_flight}, active {pool.active}, "
                             f"connecting {pool.connecting}")
         for conn, _ in pool._idle:
@@ -251,12 +249,12 @@ def idle_problems(proxy, open_by_port: dict[int, int] | None, connecting_leak: b
     return problems
 
 
-async def wait_idle(proxy, open_by_port=None, timeout: float = SETTLE, connecting_leak: bool = False) -> None:
+async def wait_idle(proxy, open_by_port=None, timeout: float = SETTLE) -> None:
     """Poll until the proxy is idle (with `open_by_port()`: the upstream's view agrees), or fail."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        problems = idle_problems(proxy, open_by_port() if open_by_port else None, connecting_leak)
+        problems = idle_problems(proxy, open_by_port() if open_by_port else None)
         if not problems:
             break
         if loop.time() > deadline:
@@ -712,8 +710,7 @@ async def test_smuggling_corpus_leaves_the_proxy_idle(start_proxy, upstream):
     observations = await asyncio.wait_for(asyncio.gather(*runs), 30)
     assert all(o.canary == (200, b"GET /canary body=0") for o in observations), "a canary failed"
     for proxy, ports in proxies:
-        await wait_idle(proxy, lambda ports=ports: {port: open_conns[key] for port, key in ports.items()},
-                        connecting_leak=CONNECTING_LEAK)
+        await wait_idle(proxy, lambda ports=ports: {port: open_conns[key] for port, key in ports.items()})
     api = await check_admin_agrees(main)
     assert api["local_responses"], "the corpus's rejections are counted as laneproxy's own answers"
 
@@ -898,12 +895,6 @@ async def test_aborts_resets_timeouts_sheds_and_retries_leave_the_proxy_idle(sta
     assert dead["servers"][0]["pool"]["created"] == 0 and dead["failed"] >= 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "connect.py UpstreamLink._acquire counts pool.connecting += 1 and creates the _connect task; when the "
-    "same read refuses the request (a bad chunk right after the head: Exchange.request_failed -> "
-    "_drop_upstream -> connect_task.cancel()), the task is cancelled before its first step, so _connect's "
-    "`except CancelledError: connecting -= 1` never runs: laneproxy_pool_connecting stays at 1 for good"
-))
 async def test_connecting_gauge_after_a_request_refused_in_the_read_that_started_its_connect(start_proxy, upstream):
     up = await upstream()
     proxy = await start_proxy({
@@ -919,7 +910,7 @@ async def test_connecting_gauge_after_a_request_refused_in_the_read_that_started
         assert await closed_by_peer(reader)
     finally:
         writer.close()
-    await wait_idle(proxy, lambda: {up.port: 0}, connecting_leak=True)  # everything else is back
+    await wait_idle(proxy, lambda: {up.port: 0})
     assert pool.connecting == 0, f"pool.connecting {pool.connecting} with no connect in progress"
     metrics = samples(await admin_get(proxy, "/metrics"))
     labels = frozenset({"lane": "app", "server": f"127.0.0.1:{up.port}"}.items())
