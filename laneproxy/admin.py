@@ -42,6 +42,7 @@ from laneproxy.adminstats import (  # noqa: F401 - re-exported: server.py starts
     status_snapshot,
 )
 from laneproxy.config import ConfigError, load_config
+from laneproxy.errors import Stopping
 
 if TYPE_CHECKING:
     from laneproxy.server import Proxy
@@ -261,6 +262,8 @@ async def api_reload(request: web.Request) -> web.Response:
             result = await reload()
         except ConfigError as exc:
             return web.json_response({"ok": False, "problems": list(exc.problems)}, status=400)
+        except Stopping as exc:
+            return web.json_response({"ok": False, "error": str(exc)}, status=409)
         except Exception as exc:  # an unexpected failure is reported, the admin keeps running
             log.exception("reload failed")
             return web.json_response({"ok": False, "error": f"{exc.__class__.__name__}: {exc}"}, status=500)

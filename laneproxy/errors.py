@@ -86,3 +86,7 @@ class LaneBusy(ProxyError):
         super().__init__(f"lane {lane} is busy ({why}); retry after {retry_after}s")
         self.retry_after = retry_after
         self.fields = b"Retry-After: %d\r\n" % retry_after
+
+
+class Stopping(RuntimeError):
+    """A reload asked for while the proxy stops (nginx and HAProxy ignore it then too)."""

@@ -36,7 +36,7 @@ from laneproxy.connect import UpstreamLink
 from laneproxy.errors import BodyTooLarge, ConnectFailed, LaneBusy, ProxyError, UpstreamStatus
 from laneproxy.flow import CONNECTING, PEER_BUSY, hung_up
 from laneproxy.http1 import CRLF, REASON, STATUS_LINE, error_response, http_date, status_line
-from laneproxy.queue import FULL, QUEUED
+from laneproxy.queue import FULL, QUEUED, SHED_WHY
 from laneproxy.tunnel import Tunnel, open_tunnel
 from laneproxy.upstream import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, UpstreamProtocol
 
@@ -175,11 +175,11 @@ class Exchange(UpstreamLink):
         return down.is_closed or (down.gate.is_paused and hung_up(down.transport))
 
     def shed(self, reason: str) -> None:
-        """The lane queue gave up on this waiter (queue_timeout or CoDel): 503, connection kept."""
+        """The lane queue gave up on this waiter (queue_timeout, CoDel, or the proxy stops): 503."""
         self.queued = False
         self.down.gate.open(CONNECTING)
         lane = self.lane
-        why = "waited past queue_timeout" if reason == "timeout" else "overloaded, shed oldest waiters"
+        why = SHED_WHY[reason]
         self.answer(LaneBusy(lane.name, why, lane.queue.retry_after()))  # type: ignore[union-attr]
 
     def _go(self) -> None:

@@ -233,6 +233,11 @@ class Lane:
             elif now - server.fail_window_start > server.cfg.fail_timeout:
                 server.fails = 0
 
+    def shed_waiters(self) -> None:
+        """The proxy stops: whoever still waits gets 503 now (never sent upstream, safe to retry)."""
+        for waiter in self.queue.drain():
+            waiter.shed("stopping")  # type: ignore[attr-defined]
+
     def close(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()

@@ -59,7 +59,9 @@ from itertools import accumulate
 GO, QUEUED, FULL = 0, 1, 2
 HIGH, NORMAL, LOW = 0, 1, 2
 PRIORITIES = {"high": HIGH, "normal": NORMAL, "low": LOW}
-SHED_REASONS = ("full", "timeout", "codel", "client_gone")
+SHED_REASONS = ("full", "timeout", "codel", "client_gone", "stopping")
+SHED_WHY = {"timeout": "waited past queue_timeout", "codel": "overloaded, shed oldest waiters",
+            "stopping": "the proxy is stopping"}  # the 503's reason, for waiters the queue gives up
 WAIT_BOUNDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_TAU = 10.0  # seconds of busy time over which the throughput estimate forgets
 _INF = math.inf
@@ -239,6 +241,16 @@ class LaneQueue:
                 q.extend(alive)
             self._dead = 0
         return True
+
+    def drain(self) -> list[object]:
+        """Every waiter leaves now (the proxy stops at its drain deadline); the caller answers 503."""
+        waiters = self.waiters()
+        self.shed["stopping"] += len(waiters)
+        for waiter in waiters:
+            entry = self._index[waiter]
+            entry.alive = False
+            self._leave(entry)
+        return waiters
 
     def expire(self) -> list[tuple[object, str]]:
         """Waiters to shed now, each with its reason ('timeout' or 'codel'); the caller answers 503."""

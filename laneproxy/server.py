@@ -12,6 +12,7 @@ from pathlib import Path
 from laneproxy.accesslog import AccessLog
 from laneproxy.config import ConfigError, ProxyConfig, load_config
 from laneproxy.downstream import Context, DownstreamProtocol
+from laneproxy.errors import Stopping
 from laneproxy.health import HealthChecker
 from laneproxy.lane import Lane
 from laneproxy.router import Route, Router
@@ -20,6 +21,7 @@ from laneproxy.static import StaticFiles
 log = logging.getLogger("laneproxy")
 
 BACKLOG = 511  # as nginx
+SHED_GRACE = 0.2  # at the drain deadline: time to send the 503s of requests still queued
 
 
 PRIORITY = {"high": 0, "normal": 1, "low": 2}
@@ -124,6 +126,8 @@ class Proxy:
         finish their in-flight and queued exchanges on the old settings, then close. Open client
         connections and tunnels stay; listeners added or removed are bound or closed.
         """
+        if self.ctx.closing:  # nginx and HAProxy ignore a reload once they are stopping
+            raise Stopping("stopping: the reload is ignored")
         if cfg is None:
             cfg = load_config(self.cfg.path) if self.cfg.path is not None else self.cfg
         if cfg.workers != self.cfg.workers:
@@ -221,6 +225,14 @@ class Proxy:
         deadline = self.loop.time() + drain_timeout
         while ctx.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if any(len(lane.queue) for lane in [*self.lanes.values(), *self.retired]):
+            # Requests still queued never reached an upstream: a 503 (safe to retry, even a
+            # POST) rather than a reset. A moment to send them, then the rest is cut.
+            for lane in [*self.lanes.values(), *self.retired]:
+                lane.shed_waiters()
+            deadline = self.loop.time() + SHED_GRACE
+            while ctx.connections and self.loop.time() < deadline:
+                await asyncio.sleep(0.01)
         for conn in list(ctx.connections):
             conn.abort()
         for checker in self.health:
@@ -261,16 +273,21 @@ async def serve(cfg: ProxyConfig, worker: int = 0) -> int:
         signals += 1
         if signals == 1:
             log.info("%s: stopping (draining up to %gs)", signal.Signals(signum).name, cfg.drain_timeout)
+            proxy.ctx.closing = True  # from now on a SIGHUP is ignored
             stop.set()
         else:
             log.info("second signal: stopping at once")
             for conn in list(proxy.ctx.connections):
                 conn.abort()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):  # SIGQUIT: nginx's graceful stop
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGUSR1, lambda: proxy.ctx.access_log and proxy.ctx.access_log.reopen())
     def on_hup() -> None:
+        if proxy.ctx.closing:
+            log.warning("SIGHUP ignored: stopping")
+            return
+
         async def reload() -> None:
             try:
                 await proxy.reload()

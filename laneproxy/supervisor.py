@@ -2,7 +2,8 @@
 
 The supervisor forks the workers before any event loop exists, then only waits for signals
 and children (sigtimedwait, no loop of its own):
-- SIGTERM / SIGINT: forwarded; the workers drain and exit; the supervisor exits 0 after them.
+- SIGTERM / SIGINT / SIGQUIT: forwarded; the workers drain and exit; the supervisor exits 0 after
+  them (a SIGHUP from then on is ignored).
   A second one is forwarded too (the workers then stop at once).
 - SIGHUP: the config file is validated here first (an invalid file is reported and nothing is
   signalled), then each worker reloads it itself.
@@ -28,7 +29,7 @@ from laneproxy.config import ConfigError, ProxyConfig, load_config
 
 log = logging.getLogger("laneproxy.supervisor")
 
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1)
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 10.0  # a worker that lived this long resets the backoff
 
@@ -123,14 +124,17 @@ class Supervisor:
             info = signal.sigtimedwait([*FORWARDED, signal.SIGCHLD], max(timeout, 0.01))
             if info is not None:
                 signum = info.si_signo
-                if signum in (signal.SIGTERM, signal.SIGINT):
+                if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                     if not self.stopping:
                         log.info("%s: stopping %d workers", signal.Signals(signum).name, len(self.children))
                     self.stopping = True
                     respawn_at.clear()
                     self._forward(signum)
                 elif signum == signal.SIGHUP:
-                    self._reload()
+                    if self.stopping:
+                        log.warning("SIGHUP ignored: stopping")
+                    else:
+                        self._reload()
                 elif signum == signal.SIGUSR1:
                     self._forward(signum)
             for index in self._reap():

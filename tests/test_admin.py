@@ -198,7 +198,7 @@ async def test_api_status_snapshot(start_proxy, upstream, aiohttp_client):
     assert set(lanes) == {"app", "other"}
     app = lanes["app"]
     assert (app["limit"], app["queue_size"], app["served"], app["in_flight"], app["queued"]) == (4, 8, 3, 0, 0)
-    assert app["shed"] == {"full": 0, "timeout": 0, "codel": 0, "client_gone": 0}
+    assert app["shed"] == {"full": 0, "timeout": 0, "codel": 0, "client_gone": 0, "stopping": 0}
     assert app["upstream_time"]["count"] == 3 and len(app["upstream_time"]["buckets"]) == len(
         app["upstream_time"]["bounds"]) + 1
     [server] = app["servers"]
@@ -286,6 +286,31 @@ async def test_reload_reports_config_problems(start_proxy, upstream, aiohttp_cli
     resp = await client.post("/api/reload")
     assert resp.status == 400
     assert await resp.json() == {"ok": False, "problems": ["lanes.app.servers[0]: port out of range"]}
+
+
+async def test_reload_while_stopping_is_refused_with_409(start_proxy, upstream, aiohttp_client):
+    gate, arrived = asyncio.Event(), asyncio.Event()
+
+    async def held(reader, writer, up):  # one request in flight keeps the drain going
+        await reader.read_request()
+        arrived.set()
+        await gate.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    up = await upstream(held)
+    proxy = await start_proxy(make_config(up.port))
+    client = await aiohttp_client(build_admin_app(proxy))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    await asyncio.wait_for(arrived.wait(), 5)
+    stopping = asyncio.create_task(proxy.stop(drain_timeout=5))
+    await asyncio.sleep(0)
+    resp = await client.post("/api/reload")
+    assert resp.status == 409 and (await resp.json()) == {"ok": False, "error": "stopping: the reload is ignored"}
+    gate.set()
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+    await asyncio.wait_for(stopping, 5)
+    writer.close()
 
 
 async def test_reload_501_without_proxy_support(start_proxy, upstream, aiohttp_client, monkeypatch):

@@ -49,7 +49,7 @@ def lane(name: str, n: int, servers: list[dict], *, overloaded: bool = False) ->
     return {
         "name": name, "balance": "round_robin", "in_flight": n, "limit": 4, "queued": n, "queue_size": 10,
         "queue_timeout": 5.0, "overloaded": overloaded, "served": 100 * n,
-        "shed": {"full": n, "timeout": 0, "codel": 0, "client_gone": 1},
+        "shed": {"full": n, "timeout": 0, "codel": 0, "client_gone": 1, "stopping": 0},
         "queue_wait": hist([n, 0, 1], 0.5 * n), "upstream_time": hist([n, 2 * n, 0], 1.5 * n), "servers": servers,
     }
 
@@ -91,7 +91,7 @@ def test_merge_of_two_snapshots_sums_counters_gauges_and_histograms():
     [app] = total["lanes"]
     assert (app["in_flight"], app["limit"], app["queued"], app["queue_size"], app["served"]) == (3, 8, 3, 20, 300)
     assert app["overloaded"] is True and app["queue_timeout"] == 5.0 and app["balance"] == "round_robin"
-    assert app["shed"] == {"full": 3, "timeout": 0, "codel": 0, "client_gone": 2}
+    assert app["shed"] == {"full": 3, "timeout": 0, "codel": 0, "client_gone": 2, "stopping": 0}
     assert app["upstream_time"] == {"bounds": BOUNDS, "buckets": [3, 6, 0], "sum": 4.5, "count": 9}
     assert app["queue_wait"] == {"bounds": BOUNDS, "buckets": [3, 0, 2], "sum": 1.5, "count": 5}
     a, b = app["servers"]

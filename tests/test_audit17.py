@@ -670,7 +670,7 @@ async def test_concurrent_clients_get_exactly_their_own_responses(start_proxy, u
         own_errors = sum(1 for r in mine if r.resp is not None and b"x-echo-id" not in r.resp[1])
         assert lane["failed"] == own_errors + sum(1 for r in mine if r.partial), lane["name"]
         assert lane["served"] == sum(1 for r in mine if r.resp is not None), lane["name"]
-        assert lane["shed"] == {"full": 0, "timeout": 0, "codel": 0, "client_gone": 0}
+        assert lane["shed"] == {"full": 0, "timeout": 0, "codel": 0, "client_gone": 0, "stopping": 0}
     assert not api["local_responses"]
 
 
@@ -875,7 +875,7 @@ async def test_aborts_resets_timeouts_sheds_and_retries_leave_the_proxy_idle(sta
         await until(lambda: len(q) == 0, "the reset waiter left the queue")
         script.hold.set()
         assert (await read_message(holder, b"GET", loop.time() + 5))[0] == 200
-        assert q.shed == {"full": 1, "timeout": 1, "codel": 0, "client_gone": 2}
+        assert q.shed == {"full": 1, "timeout": 1, "codel": 0, "client_gone": 2, "stopping": 0}
         assert [arrivals(r) for r in ("h2", "h3", "h4", "h5")] == [0, 0, 0, 0]
         # The proxy still serves every lane that has a live server.
         assert await status_of(get("/a/k1/ok")) == 200

@@ -12,10 +12,10 @@ codes, bytes, connection state, exit codes and timing, log lines.
 - `workers: 2`: a SIGKILLed worker's port keeps answering before its replacement exists, and a
   SIGTERM to the supervisor drains every worker.
 
-Findings kept as strict xfails: a request still waiting in a lane queue at the drain deadline is
-cut without an answer (not 503), and a SIGHUP during the drain binds a listener that accepts and
-resets. Not tested (undocumented): SIGQUIT, nginx's graceful-stop signal, is not handled and
-kills the process at once (exit -3, in-flight exchanges cut).
+Findings, fixed: a request still waiting in a lane queue at the drain deadline was cut without
+an answer (now 503 + Retry-After), a SIGHUP during the drain bound a listener that accepted and
+reset (now ignored, as nginx and HAProxy do), and SIGQUIT, nginx's graceful-stop signal, killed
+the process at once (now a graceful stop like SIGTERM).
 
 Existing tests already cover: a single in-flight exchange on stop (test_e2e_lifecycle, audit 5),
 a second SIGTERM, invalid SIGHUP without load, ten read_timeout-only reloads under load, listeners
@@ -273,11 +273,6 @@ async def test_sigterm_partial_request_head_is_still_served(tmp_path, upstream):
         kill_if_running(proc)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "at the drain deadline Proxy.stop() aborts every connection, including one whose request "
-    "is still waiting in the lane queue and never reached the upstream: the client connection is closed "
-    "with no response at all instead of 503 + Retry-After (the lane's own answer for a wait "
-    "that cannot be served, safe to retry even for a POST)"))
 async def test_drain_deadline_answers_queued_waiter_503_not_reset(tmp_path, upstream):
     gate, seen = asyncio.Event(), []  # the gate never opens: the upstream is stuck
     up = await upstream(gated_handler(gate, seen))
@@ -303,6 +298,26 @@ async def test_drain_deadline_answers_queued_waiter_503_not_reset(tmp_path, upst
         assert data2.startswith(b"HTTP/1.1 503 "), (data2, reset)
         w1.close()
         w2.close()
+    finally:
+        kill_if_running(proc)
+
+
+async def test_sigquit_is_a_graceful_stop_as_in_nginx(tmp_path, upstream):
+    gate, seen = asyncio.Event(), []
+    up = await upstream(gated_handler(gate, seen))
+    proc, port = await spawn_proxy(tmp_path, make_config(up.port, drain_timeout="5s"))
+    try:
+        r, w = await open_tracked_client(port)
+        w.write(GET % b"inflight")
+        await until(lambda: len(seen) == 1, what="request upstream")
+        proc.send_signal(signal.SIGQUIT)
+        await wait_log(tmp_path, "SIGQUIT: stopping")
+        assert await refused(port)
+        gate.set()
+        status, headers, _ = await asyncio.wait_for(read_response(r), 5)
+        assert status == 200 and headers[b"connection"] == [b"close"]
+        assert await wait_exit(proc, 5) == 0
+        w.close()
     finally:
         kill_if_running(proc)
 
@@ -338,12 +353,6 @@ async def test_sigterm_with_open_websocket_tunnel(tmp_path, upstream, client_clo
         kill_if_running(proc)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a SIGHUP that arrives while the process drains after SIGTERM is still applied: "
-    "server.serve() keeps its SIGHUP handler and Proxy.reload() binds listeners the new file adds "
-    "(Proxy.stop() closed only the servers that existed), so the stopping process accepts TCP "
-    "connections on the new address and resets them (DownstreamProtocol refuses at accept once "
-    "ctx.closing); nginx and HAProxy ignore a reload once shutting down"))
 async def test_sighup_during_drain_binds_no_new_listener(tmp_path, upstream):
     gate, seen = asyncio.Event(), []
     up = await upstream(gated_handler(gate, seen))

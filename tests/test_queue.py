@@ -137,6 +137,18 @@ def test_client_gone_leaves_at_once_and_release_skips_it() -> None:
     assert q.shed["client_gone"] == 1 and len(q) == 0
 
 
+def test_drain_hands_every_waiter_over_once_and_counts_stopping() -> None:
+    q, _ = make(limit=1, size=3, **no_codel())
+    q.admit("a")
+    for w in "bcd":
+        q.admit(w)
+    q.remove("c")
+    assert sorted(q.drain()) == ["b", "d"]  # the one gone already is not answered again
+    assert len(q) == 0 and q.shed["stopping"] == 2 and q.shed["client_gone"] == 1
+    assert q.drain() == [] and q.next_deadline() is None and q.in_flight == 1  # "a" keeps its slot
+    assert q.admit("e") == QUEUED and q.release() == "e"
+
+
 def test_many_removals_keep_len_exact_and_memory_bounded() -> None:
     q, clock = make(limit=1, size=10_000, timeout=1e6, **no_codel())
     q.admit("first")
