@@ -49,7 +49,6 @@ class DownstreamProtocol(RequestStart, RequestHead, Sender, asyncio.Protocol):
     )
 
     def __init__(self, ctx: Context) -> None:
-        # Per-connection state
         self.ctx = ctx
         self.loop = ctx.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -89,7 +88,6 @@ class DownstreamProtocol(RequestStart, RequestHead, Sender, asyncio.Protocol):
         self.idle_deadline = Deadline(self.loop, self._on_idle_timeout)
         self.read_deadline = Deadline(self.loop, self._on_read_timeout)
         self.send_deadline = Deadline(self.loop, self._on_send_timeout)
-        # Per-request state
         self._reset_request()
 
     # -- Protocol interface -------------------------------------------------------------------
@@ -399,6 +397,8 @@ class DownstreamProtocol(RequestStart, RequestHead, Sender, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.read_deadline.when = 0.0  # (clear)
+        if self.head_bytes:  # the head spanned reads: its bytes are not kept past it
+            self.head_parts = []
         ex = build_exchange(self)  # (a refusal here is still "in the head": _request_error)
         self.in_head = False
         self.current = ex

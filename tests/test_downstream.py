@@ -191,6 +191,16 @@ async def test_http_request_line_split_across_reads_is_forwarded(pair: ProxyPair
     assert pair.down_t.buffer == b""
 
 
+async def test_a_head_spanning_reads_is_not_kept_once_complete(pair: ProxyPair) -> None:
+    _, up_t = pair.pooled_upstream()
+    pad = b"X-Pad: " + b"p" * 4000 + b"\r\n"
+    request = b"GET /api/x HTTP/1.1\r\nHost: a\r\n" + pad * 8 + b"\r\n"
+    for i in range(0, len(request), 1000):
+        pair.send(request[i : i + 1000])
+    assert up_t.take().startswith(b"GET /x HTTP/1.1\r\n")
+    assert pair.down.head_parts == []  # (an idle keep-alive connection holds no 32 KiB of old head)
+
+
 async def test_request_after_a_chunked_body_in_the_same_read_is_checked_on_its_own(pair: ProxyPair) -> None:
     # The chunked message ends inside the read (after its trailers): the next request line is
     # checked as one that starts a read would be, and so is its own chunked body (guard).
