@@ -416,6 +416,29 @@ async def test_splicing_chunk_chunked_both_ways(start_proxy, upstream):
     assert forwarded == body and len(forwarded) == 500000
 
 
+async def test_splicing_c2_close_delimited_response_to_http10_client(start_proxy, upstream):
+    # haproxy reg-tests/http-messaging/http_splicing.vtc c2 / s2 with an HTTP/1.0 client (a
+    # variation): no chunked coding exists for it, so the body comes raw and the end is the close
+    # (http-rules.md P2: no persistent connection with a 1.0 client).
+    payload = bytes(range(251)) * 2000
+
+    async def handler(reader: RecordingReader, writer: asyncio.StreamWriter, up) -> None:
+        await reader.read_request()
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + payload)
+        await writer.drain()
+
+    up = await upstream(handler)
+    proxy = await start_proxy(make_config(up.port))
+    reader, writer = await open_client(proxy.port)
+    try:
+        writer.write(b"GET / HTTP/1.0\r\n%s\r\n" % HOST)
+        status, headers = await recv_head(reader)
+        assert status == 200 and b"content-length" not in headers and b"transfer-encoding" not in headers
+        assert await asyncio.wait_for(reader.read(), WAIT) == payload  # up to the close
+    finally:
+        writer.close()
+
+
 # == reg-tests/http-messaging/http_bodyless_spliced_response.vtc ==================================
 
 
@@ -484,11 +507,14 @@ async def test_drop_trailers_c3_c4_response_trailers(start_proxy, upstream, te_t
     # haproxy reg-tests/http-messaging/drop_trailers.vtc s2 + c3 (option
     # http-drop-response-trailers: body "world", no trailer) and c4 (default: "x-rtlr1: rvalue1"
     # forwarded). laneproxy's policy (http-rules.md F11, README "Framing"): response trailers
-    # pass only to a client that sent "TE: trailers", so c3 is the default and c4 needs the TE.
+    # pass only to a client that sent "TE: trailers", so c3 is the default and c4 needs the TE;
+    # fields that may not be trailers (Host, Set-Cookie, added to s2's trailer here) never pass.
+    # (A Content-Length trailer is refused by httptools itself: tests/test_smuggling_corpus.py.)
     async def handler(reader: RecordingReader, writer: asyncio.StreamWriter, up) -> None:
         await reader.read_request()
         writer.write(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nworld\r\n0\r\nx-rtlr1: rvalue1\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nworld\r\n0\r\nx-rtlr1: rvalue1\r\n"
+            b"host: evil\r\nset-cookie: s=1\r\n\r\n"  # (added) routing/control fields never pass
         )
         await writer.drain()
 
@@ -667,3 +693,127 @@ async def test_scheme_based_normalize_absolute_form_authority(start_proxy, upstr
     [(head, headers, _)] = log
     assert head.split(b"\r\n", 1)[0] == b"GET / HTTP/1.1"
     assert headers[b"host"] == [host]
+
+
+# == reg-tests/checks/observe_error_limit.vtc =====================================================
+
+
+def two_servers(ports: list[int], **server_opts) -> list[dict]:
+    return [{"address": f"127.0.0.1:{p}", **server_opts} for p in ports]
+
+
+async def test_observe_layer7_errors_take_a_server_out(start_proxy, upstream):
+    # haproxy reg-tests/checks/observe_error_limit.vtc s1 + c1/c2 (be7: "observe layer7
+    # error-limit 2 on-error mark-down"): a 404 is not an error, two 500s mark the server down.
+    # laneproxy's passive health (README "Upstream resilience", nginx max_fails): failures are
+    # what `retry_on` names (here http_500), `max_fails: 2`. HAProxy's backend has one server and
+    # then answers 503 (c2); laneproxy never marks a lane's only server down (documented), so the
+    # port uses two servers: once s1 is out, everything goes to s2. POSTs are never retried, so
+    # each 500 reaches the client as it did in the .vtc.
+    seen: list[tuple[str, bytes]] = []
+
+    def s1(head, headers, body):
+        seen.append(("s1", target_of(head)))
+        if target_of(head) == b"/ok":
+            return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+        return b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+
+    def s2(head, headers, body):
+        seen.append(("s2", target_of(head)))
+        return ok_response(b"s2")
+
+    up1 = await upstream(scripted(s1))
+    up2 = await upstream(scripted(s2))
+    cfg = make_config(up1.port, lane={"retry_on": ["error", "timeout", "http_500"], "retries": 1})
+    cfg["lanes"]["app"]["servers"] = two_servers([up1.port, up2.port], max_fails=2, fail_timeout="30s")
+    proxy = await start_proxy(cfg)
+    statuses = []
+    reader, writer = await open_client(proxy.port)
+    try:
+        for target in [b"/ok"] * 2 + [b"/ko"] * 4 + [b"/ko"] * 4:
+            writer.write(b"POST %s HTTP/1.1\r\n%sContent-Length: 0\r\n\r\n" % (target, HOST))
+            statuses.append((await recv(reader))[0])
+    finally:
+        writer.close()
+    # round robin alternates: s1 gets /ok (404, not an error), then /ko twice (500, 500): out.
+    assert [t for s, t in seen if s == "s1"] == [b"/ok", b"/ko", b"/ko"]
+    assert sorted(statuses[:2]) == [200, 404]
+    assert sorted(statuses[2:6]) == [200, 200, 500, 500]
+    assert statuses[6:] == [200] * 4  # s1 is skipped for fail_timeout
+    assert [s for s, _ in seen[6:]] == ["s2"] * 4
+
+
+async def test_observe_single_server_is_never_marked_down(start_proxy, upstream):
+    # haproxy reg-tests/checks/observe_error_limit.vtc c2: after the error limit HAProxy answers
+    # 503 ("the backend has no usable server left"). laneproxy's documented policy (README
+    # "Upstream resilience", laneproxy/lane.py): a lane with a single server never marks it down,
+    # so the server keeps getting the requests and its own answers reach the client.
+    count = 0
+
+    def s1(head, headers, body):
+        nonlocal count
+        count += 1
+        return b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+
+    up = await upstream(scripted(s1))
+    cfg = make_config(up.port, lane={"retry_on": ["error", "timeout", "http_500"]})
+    cfg["lanes"]["app"]["servers"] = two_servers([up.port], max_fails=2, fail_timeout="30s")
+    proxy = await start_proxy(cfg)
+    reader, writer = await open_client(proxy.port)
+    try:
+        for _ in range(4):
+            writer.write(b"POST /ko HTTP/1.1\r\n%sContent-Length: 0\r\n\r\n" % HOST)
+            assert (await recv(reader))[0] == 500
+    finally:
+        writer.close()
+    assert count == 4
+
+
+# == reg-tests/checks/http-check.vtc ==============================================================
+
+
+async def test_http_check_request_shape_and_failing_server_out(start_proxy, upstream):
+    # haproxy reg-tests/checks/http-check.vtc s2/s3 (be2 "option httpchk GET /status HTTP/1.1
+    # www.haproxy.org", be3 "http-check send meth GET uri /status ver HTTP/1.1"): the check is
+    # "GET /status HTTP/1.1" with a Host and no body. HAProxy's default (be1) is "OPTIONS /
+    # HTTP/1.0" without Host; laneproxy's check is always GET `health.path` over HTTP/1.1 with
+    # Host and Connection: close on its own connection (README "Active health"). A second server
+    # that answers 503 to its checks goes out after `fall` (like a failing check in
+    # 4be_1srv_health_checks.vtc), so client requests then all go to the healthy one.
+    checks: list = []
+    good_served: list = []
+
+    def good(head, headers, body):
+        if target_of(head) == b"/status":
+            checks.append((head, headers, body))
+            return ok_response(b"fine")
+        good_served.append(target_of(head))
+        return ok_response(b"good")
+
+    def bad(head, headers, body):
+        if target_of(head) == b"/status":
+            return b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+        return ok_response(b"bad")
+
+    up_good = await upstream(scripted(good))
+    up_bad = await upstream(scripted(bad))
+    cfg = make_config(
+        [up_good.port, up_bad.port],
+        lane={"health": {"path": "/status", "interval": "50ms", "timeout": "1s", "rise": 1, "fall": 1}},
+    )
+    proxy = await start_proxy(cfg)
+    bad_server = next(s for s in proxy.lanes["app"].servers if s.port == up_bad.port)
+    await wait_until(lambda: checks and not bad_server.health_ok, "a check on each server")
+    head, headers, body = checks[0]
+    assert head.split(b"\r\n", 1)[0] == b"GET /status HTTP/1.1"
+    assert headers[b"host"] == [b"127.0.0.1:%d" % up_good.port]
+    assert headers[b"connection"] == [b"close"] and body == b""
+    assert b"content-length" not in headers and b"transfer-encoding" not in headers
+    reader, writer = await open_client(proxy.port)
+    try:
+        for i in range(4):
+            writer.write(b"GET /r%d HTTP/1.1\r\n%s\r\n" % (i, HOST))
+            assert (await recv(reader))[::2] == (200, b"good")
+    finally:
+        writer.close()
+    assert good_served == [b"/r0", b"/r1", b"/r2", b"/r3"]
