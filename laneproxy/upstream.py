@@ -367,6 +367,8 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
         ex = self.exchange
         status = self.parser.get_status_code()
         self.status = status
+        if sum(map(len, self.headers)) > MAX_RESPONSE_HEAD:  # every head, 1xx too, however read
+            raise UpstreamProtocolError("upstream response header section too large")
         if status < 200:
             # RFC 9110 §15: status codes are 100-599 (llhttp takes any 3 digits). One below 100
             # would pass for a 1xx here; 600-999 are relayed as final answers (nginx, HAProxy).
@@ -402,8 +404,6 @@ class UpstreamProtocol(Sender, asyncio.Protocol):
             self.content_length = None
             self.te = self.conn_tokens = None
             return
-        if sum(map(len, self.headers)) > MAX_RESPONSE_HEAD:  # a whole oversized head in one read
-            raise UpstreamProtocolError("upstream response header section too large")
         self.keep_alive = self.parser.should_keep_alive()
         if self.conn_tokens and self.conn_tokens != [b"keep-alive"]:
             self._drop_connection_named()
