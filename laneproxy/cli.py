@@ -139,8 +139,8 @@ def _file_problems(cfg: ProxyConfig) -> list[str]:
         path = cfg.base_dir / cfg.access_log
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
-        except OSError as exc:
-            return [f"access_log: cannot open {path}: {exc.strerror or exc}"]
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            return [f"access_log: cannot open {path}: {getattr(exc, 'strerror', None) or exc}"]
     return []
 
 

@@ -156,8 +156,8 @@ class LaneConfig(_Model):
     limit: Count = 0
     queue: Count = 0
     queue_timeout: Duration = 30.0
-    queue_target: Duration | None = None  # CoDel target queue wait; default from queue_timeout
-    queue_interval: Duration | None = None  # CoDel interval; default from queue_target
+    queue_target: PositiveDuration | None = None  # CoDel target queue wait; default from queue_timeout
+    queue_interval: PositiveDuration | None = None  # CoDel interval; default from queue_target
     retries: Count = 1
     retry_timeout: Duration = 0.0  # stop retrying after this long since the first try; 0 = no limit
     retry_on: tuple[str, ...] = ("error", "timeout")  # nginx proxy_next_upstream conditions
@@ -356,35 +356,54 @@ def _message(err: dict[str, Any]) -> str:
     return msg
 
 
-def _duplicate_keys(node: Any, path: str = "") -> Iterator[str]:
-    """`yaml.path: duplicate key (line N)` for each key repeated in one mapping."""
+_KEY_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge")  # merge: `<<: *anchor`
+
+
+def _key_problems(node: Any, path: str = "", walked: set[int] | None = None) -> Iterator[str]:
+    """`yaml.path: message` for each key repeated in one mapping, each key that is not a string,
+    and each NUL byte in a value. An aliased node is walked once (alias fan-out stays linear)."""
+    walked = set() if walked is None else walked
+    if id(node) in walked:
+        return
+    walked.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
             key = str(key_node.value)
             here = f"{path}.{key}" if path else key
-            if key in seen:
+            if key_node.tag not in _KEY_TAGS:
+                yield f"{here}: a key must be a string (quote it)"
+            elif key in seen:
                 yield f"{here}: duplicate key (line {key_node.start_mark.line + 1})"
             seen.add(key)
-            yield from _duplicate_keys(value_node, here)
+            yield from _key_problems(value_node, here, walked)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            yield from _duplicate_keys(item, f"{path}[{i}]")
+            yield from _key_problems(item, f"{path}[{i}]", walked)
+    elif isinstance(node, yaml.ScalarNode) and "\x00" in node.value:
+        yield f"{path or '(top level)'}: a NUL byte in the value"
 
 
 def parse_config(text: str, base_dir: Path | str = ".", source: str = "<config>") -> ProxyConfig:
     try:
         data = yaml.safe_load(text)
+        if isinstance(data, dict):  # (duplicates: PyYAML keeps the last one silently)
+            problems = list(_key_problems(yaml.compose(text, Loader=yaml.SafeLoader)))
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow: one line
+        ch = exc.character
+        code = ch if isinstance(ch, int) else ord(ch)
+        raise ConfigError([f"(yaml) position {exc.position}: character #x{code:04x}: {exc.reason}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"(yaml) {where}: {problem}"]) from None
+    except RecursionError:
+        raise ConfigError([f"(yaml) {source}: nested too deeply"]) from None
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping with version: 1, lanes and routes"])
-    duplicates = list(_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)))
-    if duplicates:  # PyYAML keeps the last one silently; nginx refuses a duplicate upstream
-        raise ConfigError(duplicates)
+    if problems:
+        raise ConfigError(problems)
     data = dict(data)
     # base_dir is a model field but not a YAML key: a file that sets it gets the unknown-key error.
     stray = [f"{key}: unknown key" for key in ("base_dir", "path") if key in data]

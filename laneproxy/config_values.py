@@ -14,9 +14,9 @@ from pydantic import BeforeValidator, Field
 
 # -- scalar types -----------------------------------------------------------------------------
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$", re.ASCII)  # ASCII digits only
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*([0-9]+)\s*([kmg]?)b?\s*$", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -25,7 +25,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like 250ms, 5s, 2m, 1h")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer past float's range
+            raise ValueError(f"expected a finite duration, got {value}") from None
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
@@ -90,7 +93,7 @@ def parse_hostport(value: Any, allow_any_port: bool = False) -> tuple[str, int]:
             raise ValueError(f'write IPv6 addresses as "[addr]:port", got {value!r}')
     if not host or not re.fullmatch(r"[A-Za-z0-9.\-:_]+", host) or not _valid_host(host):
         raise ValueError(f"invalid host in {value!r}")
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"invalid port in {value!r}")
     port = int(port_text)
     if not (0 if allow_any_port else 1) <= port < 65536:
