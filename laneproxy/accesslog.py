@@ -158,7 +158,7 @@ class AccessLog:
             "client": ex.down.peer_ip.decode(),
             "method": ex.method.decode("latin-1"),
             "target": text(ex.target) if ex.target else "-",
-            "protocol": "HTTP/1.1" if ex.http11 else "HTTP/1.0",
+            "protocol": ex.protocol.decode("latin-1") if ex.protocol else "HTTP/1.1" if ex.http11 else "HTTP/1.0",
             "status": ex.status or 499,
             "bytes": ex.bytes_out,
             "time": round(end - ex.t0, 6),
@@ -189,8 +189,10 @@ class AccessLog:
         if reason:
             reason = escape(str(reason).encode("utf-8", "backslashreplace")).decode("ascii")
         referer, user_agent = raw_fields_of(ex, b"referer", b"user-agent")
+        # nginx's $request is "-" when no request line was read
+        request = "-" if ex.method == b"-" else f'{_escaped(ex.method)} {_escaped(ex.target)} {f["protocol"]}'
         return (
-            f'{f["client"]} - - [{self._now()}] "{f["method"]} {_escaped(ex.target)} {f["protocol"]}" {f["status"]} '
+            f'{f["client"]} - - [{self._now()}] "{request}" {f["status"]} '
             f'{f["bytes"]} "{_escaped(referer)}" "{_escaped(user_agent)}" rt={_ms(f["time"])} '  # type: ignore[arg-type]
             f'lane={opt(f["lane"])} route={opt(f["route"])} up={opt(f["upstream"])} '
             f'uct={opt(f["upstream_connect_time"])} uht={opt(f["upstream_header_time"])} '

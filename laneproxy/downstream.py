@@ -1,8 +1,7 @@
 """DownstreamProtocol: one client connection, parsing requests with httptools.
 
-Every request is validated on its own (no per-connection shortcuts), routed, and turned into
-an Exchange with laneproxy's own request head: the client's raw bytes are never forwarded.
-Pipelined requests are queued and answered in order; reading pauses while one waits.
+Every request is validated on its own, routed, and turned into an Exchange with laneproxy's own
+request head (raw client bytes are never forwarded); pipelined ones are answered in order.
 """
 
 from __future__ import annotations
@@ -437,10 +436,10 @@ class DownstreamProtocol(RequestStart, RequestHead, Sender, asyncio.Protocol):
         """The parser stopped on a bad request: answer it in turn, then close."""
         self.parse_dead = True
         self.unread = True  # the rest of what the client sent is never read: linger on close
-        # A request refused in its head (400, 414, 431, 505, 408) is answered and logged as what
-        # was read of it: a HEAD still gets no body (RFC 9110 §9.3.2).
-        in_head = self.in_head
-        method = (self._parsed_method() if in_head else None) or b"GET"
+        # Refused in its head (400, 414, 431, 505, 408): answered and logged as what was read of
+        # it (a HEAD gets no body, RFC 9110 §9.3.2; no method it did not send is made up).
+        parsed = self.in_head and bool(self.url)  # the request line was read up to its target
+        method = (self._parsed_method() if parsed else None) or b"-"
         self.in_head = False
         self.gate.close(DRAINING)
         ex = self.current
@@ -454,9 +453,10 @@ class DownstreamProtocol(RequestStart, RequestHead, Sender, asyncio.Protocol):
             return
         ex = Exchange(self, None, method, b"", BODY_NONE, False, local=err)
         ex.req_done = True
-        if in_head and self.url:  # for the access log, as nginx logs $request for a 400
+        if parsed:  # for the access log, as nginx logs $request for a 400
             ex.target = self.url
             ex.fields = self.headers
+        ex.protocol = self._parsed_protocol() if parsed else b"-"
         if self.active is None and not self.queue:
             self.active = ex
             ex.start()

@@ -64,7 +64,7 @@ class Exchange(UpstreamLink):
         "reused", "req_done", "req_sent", "resp", "rechunk", "tries", "connect_task", "aborted",
         "counted", "status", "out", "head_written", "static", "tried", "started",
         "server_busy", "upgrade", "early", "tunnel", "queued",
-        "t0", "t_conn", "t_head", "bytes_out", "target", "fields", "logged", "trailers_ok",
+        "t0", "t_conn", "t_head", "bytes_out", "target", "fields", "logged", "trailers_ok", "protocol",
     )
 
     def __init__(
@@ -119,6 +119,7 @@ class Exchange(UpstreamLink):
         self.t_head = 0.0
         self.bytes_out = 0
         self.target = b""
+        self.protocol = b""  # for the log when not this exchange's HTTP/1.x (a refused request line)
         self.fields: list[bytes] = []
         self.logged = False
         self.connect_task: asyncio.Task[None] | None = None

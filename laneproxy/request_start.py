@@ -59,6 +59,11 @@ class RequestStart:
         except Exception:  # noqa: BLE001 - nothing parsed yet
             return None
 
+    def _parsed_protocol(self) -> bytes:
+        """The version of the request line read so far, for the log (b"-": not that far)."""
+        version = self.parser.get_http_version()
+        return b"-" if version == "0.0" else b"HTTP/" + version.encode()
+
     def _skip_empty_lines(self, data: bytes) -> bytes:
         """`data` without the empty lines before a request line (b"" when nothing else is
         there yet, or a bare CR/LF was answered with 400); a CRLF may be split between reads."""
