@@ -234,9 +234,13 @@ class StaticFiles:
             return 404
         try:
             size = st.st_size
-            mtime = int(st.st_mtime)
+            # RFC 9110 §8.8.2.1: a modification time in the future is sent as Date, and is then no
+            # strong validator for If-Range (§8.8.2.2); one of this second still is, as in nginx.
+            mtime, now_s = int(st.st_mtime), int(now)
+            strong = mtime <= now_s
+            mtime = min(mtime, now_s)
             etag = make_etag(size, st.st_mtime_ns)
-            status, rng = evaluate(method, fields, size, mtime, etag)
+            status, rng = evaluate(method, fields, size, mtime, etag, strong_date=strong)
             varies = b"Vary: Accept-Encoding\r\n" if vary else b""  # on every answer (RFC 9110 §12.5.5)
             if status == PRECONDITION_FAILED:
                 out.write(self._small(status, b"precondition failed", date, conn, method, varies))

@@ -190,18 +190,20 @@ def parse_range(value: bytes, size: int) -> tuple[int, int] | int | None:
     return (start, end)
 
 
-def if_range_ok(value: bytes, etag: bytes, mtime: int) -> bool:
+def if_range_ok(value: bytes, etag: bytes, mtime: int | None) -> bool:
     """If-Range: the validator equals ours exactly (tag as sent, like nginx; or the same date).
-    Entity tags compare strongly (RFC 9110 §13.1.5): a weak one never matches."""
+    Validators compare strongly (RFC 9110 §13.1.5): a weak tag, or a date too recent to be
+    strong (mtime None), never matches."""
     value = value.strip()
     if value[-1:] == b'"':
         return value == etag and not etag.startswith(b"W/")
-    return parse_http_date(value) == mtime
+    return mtime is not None and parse_http_date(value) == mtime
 
 
-def evaluate(method: bytes, fields: Mapping[bytes, bytes], size: int, mtime: int, etag: bytes
-             ) -> tuple[int, tuple[int, int] | None]:
-    """RFC 9110 §13.2.2 order → (status, byte range or None). mtime: whole Unix seconds."""
+def evaluate(method: bytes, fields: Mapping[bytes, bytes], size: int, mtime: int, etag: bytes, *,
+             strong_date: bool = True) -> tuple[int, tuple[int, int] | None]:
+    """RFC 9110 §13.2.2 order → (status, byte range or None). mtime: whole Unix seconds;
+    strong_date: False for a modification time in the future (§8.8.2.2): If-Range never matches it."""
     if_match = fields.get(b"if-match")
     if if_match is not None:
         if not match_strong(if_match, etag):
@@ -222,7 +224,7 @@ def evaluate(method: bytes, fields: Mapping[bytes, bytes], size: int, mtime: int
     if rng is None or method != b"GET":  # RFC 9110 §14.2: range handling is defined for GET
         return 200, None
     if_range = fields.get(b"if-range")
-    if if_range is not None and not if_range_ok(if_range, etag, mtime):
+    if if_range is not None and not if_range_ok(if_range, etag, mtime if strong_date else None):
         return 200, None
     parsed = parse_range(rng, size)
     if parsed is None:
