@@ -906,7 +906,7 @@ async def test_tunnel_bulk_both_ways_with_both_sides_stalling(start_proxy, raw_u
 # -- timeouts: fire on a stall longer than them, with the documented outcome, and not before ----
 
 T = 0.5  # the timeout under test
-SHORT = 0.3  # a stall shorter than T (repeated: the stalls add up to more than T)
+SHORT = 0.2  # a stall well shorter than T (repeated: the stalls add up to more than T)
 LONG = 1.2  # a stall longer than T
 PROGRESS = 3 * MiB  # read between two short stalls (see echo_length_upstream)
 
@@ -991,8 +991,10 @@ async def test_body_timeout(start_proxy, raw_upstreams, gaps, fires):
 async def test_body_timeout_does_not_run_while_the_upstream_takes_no_bytes(start_proxy, raw_upstreams):
     """The upstream stops reading for longer than the client's body_timeout: laneproxy stopped
     reading the client itself, so no 408 (interface: the lane's send_timeout bounds that)."""
-    up = raw_upstreams(echo_length_upstream(pace_gaps=(LONG,)))
-    proxy = await start_proxy(config(up.port, client_body_timeout=SHORT, lane_send_timeout="5s"))
+    # The stall (2.5 s) is well past the body timeout (1 s), which is itself well past any pause
+    # of the test's own sender on a loaded 2-core machine (0.3 s was seen under the full suite).
+    up = raw_upstreams(echo_length_upstream(pace_gaps=(2.5,)))
+    proxy = await start_proxy(config(up.port, client_body_timeout="1s", lane_send_timeout="5s"))
     client = await Peer.connect(proxy.port)
     sender = asyncio.ensure_future(post_in_pieces(client, BIG, ()))
     try:
@@ -1091,13 +1093,14 @@ async def test_read_timeout_does_not_run_while_the_client_takes_no_bytes(start_p
     the upstream itself, so no timeout (the client's send_timeout bounds that)."""
     serve, digest = big_response_upstream()
     up = raw_upstreams(serve)
-    proxy = await start_proxy(config(up.port, lane_read_timeout=SHORT, client_send_timeout="5s"))
+    # (1 s against a 2.5 s stall: margins past the test upstream's own pauses on a loaded machine)
+    proxy = await start_proxy(config(up.port, lane_read_timeout="1s", client_send_timeout="5s"))
     client = await Peer.connect(proxy.port)
     try:
         await client.send(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
         status, _ = await read_head(client)
         assert status == 200
-        got = await read_body(client, "cl", BIG, Pace("stall", pause=LONG, at=64 * KiB))
+        got = await read_body(client, "cl", BIG, Pace("stall", pause=2.5, at=64 * KiB))
         assert got == (BIG, digest)
     finally:
         client.close()
