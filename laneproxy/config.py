@@ -385,6 +385,7 @@ def _key_problems(node: Any, path: str = "", walked: set[int] | None = None) -> 
 
 
 def parse_config(text: str, base_dir: Path | str = ".", source: str = "<config>") -> ProxyConfig:
+    problems: list[str] = []
     try:
         data = yaml.safe_load(text)
         if isinstance(data, dict):  # (duplicates: PyYAML keeps the last one silently)

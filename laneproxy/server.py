@@ -222,17 +222,14 @@ class Proxy:
         for conn in list(ctx.connections):
             if conn.active is None and conn.current is None and not conn.in_head:
                 conn.close()
-        deadline = self.loop.time() + drain_timeout
-        while ctx.connections and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if any(len(lane.queue) for lane in [*self.lanes.values(), *self.retired]):
+        await self._until_drained(drain_timeout, 0.05)
+        lanes = [*self.lanes.values(), *self.retired]
+        if any(len(lane.queue) for lane in lanes):
             # Requests still queued never reached an upstream: a 503 (safe to retry, even a
             # POST) rather than a reset. A moment to send them, then the rest is cut.
-            for lane in [*self.lanes.values(), *self.retired]:
+            for lane in lanes:
                 lane.shed_waiters()
-            deadline = self.loop.time() + SHED_GRACE
-            while ctx.connections and self.loop.time() < deadline:
-                await asyncio.sleep(0.01)
+            await self._until_drained(SHED_GRACE, 0.01)
         for conn in list(ctx.connections):
             conn.abort()
         for checker in self.health:
@@ -240,11 +237,17 @@ class Proxy:
         if self.admin is not None:
             await self.admin.cleanup()
             self.admin = None
-        for lane in [*self.lanes.values(), *self.retired]:
+        for lane in lanes:
             lane.close()
         if self.ctx.access_log is not None:
             self.ctx.access_log.close()
         self._stopped.set()
+
+    async def _until_drained(self, seconds: float, step: float) -> None:
+        """Wait until every client connection has closed, or `seconds` have passed."""
+        deadline = self.loop.time() + seconds
+        while self.ctx.connections and self.loop.time() < deadline:
+            await asyncio.sleep(step)
 
     def stats(self) -> dict[str, object]:
         return {
